@@ -1,0 +1,109 @@
+"""The small interface every driver implements.
+
+A driver starts sandboxes and hands back a :class:`SandboxProcess`: the driver's view of
+one running sandbox (how to reach its agent, how to signal it, how to wait for it and
+how to release what it holds). Everything above (actors, supervisor, API) is written
+against this interface only, so local, cloud and fake sandboxes look alike.
+
+Rules every driver keeps:
+
+- ``spawn`` returns only when the agent accepts connections; if it fails or is
+  cancelled part-way it has already released everything it started.
+- ``cleanup`` is idempotent and safe to call while the sandbox still runs (it kills
+  first); callers run it shielded, so it must be bounded in time.
+- nothing a driver starts outlives the orchestrator unless ``spec.detached``.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import trio
+
+DEFAULT_WORKDIR = "/workspace"
+DEFAULT_IMAGE = "host"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxSpec:
+    """What to start. Validated by the supervisor before a driver sees it."""
+
+    name: str
+    image: str = DEFAULT_IMAGE
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = DEFAULT_WORKDIR
+    network: bool = False
+    cpus: float | None = None
+    memory_mib: int | None = None
+    pids_limit: int | None = None
+    detached: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class ExitStatus(NamedTuple):
+    """How a sandbox's top process ended: an exit code or a signal."""
+
+    code: int | None
+    signal: int | None = None
+
+    @property
+    def clean(self) -> bool:
+        return self.code == 0 and self.signal is None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                return f"killed by {_signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"killed by signal {self.signal}"
+        return f"exited with code {self.code}"
+
+
+class SandboxProcess(ABC):
+    """A running sandbox as its driver sees it."""
+
+    name: str
+    pid: int | None = None
+    """Host pid of the sandbox's top process, when there is one."""
+
+    @abstractmethod
+    async def connect(self) -> trio.abc.Stream:
+        """Open a new byte stream to the sandbox's agent."""
+
+    @abstractmethod
+    async def terminate(self) -> None:
+        """Ask every process of the sandbox to end (SIGTERM)."""
+
+    @abstractmethod
+    async def kill(self) -> None:
+        """End every process of the sandbox now (SIGKILL)."""
+
+    @property
+    @abstractmethod
+    def exit_status(self) -> ExitStatus | None:
+        """None while the sandbox runs; how it ended once it is gone."""
+
+    @abstractmethod
+    async def wait(self) -> ExitStatus:
+        """Wait until the sandbox is gone."""
+
+    @abstractmethod
+    async def cleanup(self) -> None:
+        """Kill if still running and release every host resource. Idempotent, bounded."""
+
+
+class Driver(ABC):
+    """Starts sandboxes."""
+
+    kind: str = "abstract"
+
+    @abstractmethod
+    async def spawn(self, spec: SandboxSpec) -> SandboxProcess:
+        """Start a sandbox; return once its agent accepts connections."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release driver-wide resources."""
