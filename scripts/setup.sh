@@ -74,12 +74,18 @@ apt_install() {
     as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
     added_policy=1
   fi
-  local rc=0
+  local rc=0 log
+  log=$(mktemp)
   {
     as_root apt-get update -qq &&
       as_root apt-get install -y -qq --no-install-recommends "$@"
-  } || rc=$?
+  } >"$log" 2>&1 || rc=$?
   if [ "$added_policy" = 1 ]; then as_root rm -f "$policy"; fi
+  if [ "$rc" != 0 ]; then
+    cat "$log" >&2
+    echo "setup: apt-get install $* failed" >&2
+  fi
+  rm -f "$log"
   return "$rc"
 }
 
@@ -120,15 +126,21 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && installed_here; then
   done_phase "up to date, pip skipped"
 else
   rm -f "$stamp"
-  if ! "$py" -m pip install -q -e '.[test]'; then
-    if ! command -v gcc >/dev/null || [ -n "$(missing_debs "${build_packages[@]}")" ]; then
-      echo "setup: pip failed; installing a compiler (${build_packages[*]}) for packages without wheels, then retrying"
+  log=$(mktemp)
+  if ! "$py" -m pip install -q -e '.[test]' 2>&1 | tee "$log"; then
+    # Only a failed compile is cured by a compiler; anything else (network, resolver) is fatal.
+    if grep -qE "Python\.h|gcc|unable to execute|command '[^']*' failed|Failed building wheel" "$log" &&
+      [ -n "$(missing_debs "${build_packages[@]}")" ]; then
+      echo "setup: a package without a wheel failed to build; installing ${build_packages[*]} and retrying"
       apt_install "${build_packages[@]}"
       "$py" -m pip install -q -e '.[test]'
     else
+      rm -f "$log"
+      echo "setup: pip install failed (see above)" >&2
       exit 1
     fi
   fi
+  rm -f "$log"
   installed_here || {
     echo "setup: after pip install, 'import corral' does not resolve to $repo" >&2
     exit 1
