@@ -105,5 +105,8 @@ class Driver(ABC):
     async def spawn(self, spec: SandboxSpec) -> SandboxProcess:
         """Start a sandbox; return once its agent accepts connections."""
 
+    async def remove(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Delete what the driver keeps for a stopped sandbox (its directory, logs)."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release driver-wide resources."""
