@@ -142,21 +142,22 @@ case $rc in
   *) fail "pytest (exit $rc)" ;;
 esac
 # Exit 0 with every test skipped or deselected also ran nothing: refuse that too.
-ran=$("$bin/python" - "$junit" <<'EOF'
+read -r n_passed n_failed n_skipped < <("$bin/python" - "$junit" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
 
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-n = sum(
-    int(s.get("tests", 0)) - int(s.get("skipped", 0)) - int(s.get("failures", 0))
-    - int(s.get("errors", 0))
-    for s in suites
-)
-print(n)
+total, failed, skipped = 0, 0, 0
+for s in suites:
+    total += int(s.get("tests", 0))
+    failed += int(s.get("failures", 0)) + int(s.get("errors", 0))
+    skipped += int(s.get("skipped", 0))
+print(total - failed - skipped, failed, skipped)
 EOF
 )
-[ "$ran" -gt 0 ] || fail "pytest passed but no test actually ran (all skipped?)"
-passed "pytest ($ran passed)"
+[ "$n_passed" -gt 0 ] || fail "pytest passed but no test actually ran (all skipped?)"
+passed "pytest"
 
 awk -v a="$t_all" -v b="$(now)" 'BEGIN { printf "\n=== all checks passed (%.1fs) ===\n", b - a }'
+echo "pytest: $n_passed passed, $n_failed failed, $n_skipped skipped"
