@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from corral.backend.kinds import (
     API_KEY_ENV,
     API_URL_ENV,

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 import msgspec
+
 from corral.backend.kinds import API_KEY_ENV, API_URL_ENV, BackendKind
 from corral.backend.profile import (
     BACKEND_ENV,

@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+
 from corral.backend import (
     Backend,
     BackendKind,

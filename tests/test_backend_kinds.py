@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from corral.backend import BackendKind, CloudBackend, LocalBackend, default_home
 from corral.errors import InvalidConfig
 

@@ -14,6 +14,7 @@ import keyring.backend
 import keyring.backends.fail
 import keyring.errors
 import pytest
+
 from corral.backend import (
     BackendKind,
     CloudBackend,

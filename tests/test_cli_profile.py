@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from corral.cli.profile import add_parser
 
 _ENV = (
