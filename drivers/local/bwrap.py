@@ -1,0 +1,367 @@
+"""Build the bubblewrap command line (and the fds it needs) for one sandbox.
+
+:func:`plan_sandbox` returns a :class:`BwrapPlan`: ``argv``, the fds to pass
+(``pass_fds``) and the read end of bwrap's ``--info-fd`` pipe. ``launch.start_bwrap``
+runs it; the plan closes every fd it opened (``close()``, idempotent, or use it as a
+context manager). A plan is for one start: bwrap consumes the fds it is given.
+
+The sandbox (``image="host"``): a tmpfs root holding a read-only view of the host's
+``/usr`` (``/bin``, ``/sbin``, ``/lib*`` mirrored as symlinks on merged-usr hosts, bound
+otherwise), a safe subset of ``/etc`` (``ETC_FILES``: never shadow, gshadow, sudoers,
+ssh, pip/npm configs with tokens), fresh ``/proc``, ``/dev``, ``/tmp``, ``/run``, the
+caller's socket dir read-write at ``/run/agent``, the caller's workdir read-write at
+``workdir``, then ``--remount-ro /``. Flags: ``--unshare-all --unshare-user
+--disable-userns --cap-drop ALL --die-with-parent --new-session --hostname NAME
+--seccomp FD --clearenv``, ``--share-net`` only with ``network=True``, ``--uid``/``--gid``
+the same as outside, ``--info-fd FD`` (bwrap writes ``{"child-pid": N, ...}``).
+
+**Running as root.** The sandbox runs as an unprivileged uid (``launch.sandbox_credentials``):
+as real root bwrap would keep every capability and map sandbox root to host root. So
+``argv`` starts with ``setpriv --reuid=U --regid=G --clear-groups --inh-caps=-all
+--bounding-set=-all --no-new-privs --`` (rather than ``Popen(user=...)``: that forces
+``fork()`` of the whole orchestrator, ~5 ms of blocked event loop, where ``setpriv``
+keeps ``vfork()``).
+
+bwrap resolves every bind source with ``realpath()`` under the sandbox uid, including
+the ``/proc/self/fd/N`` of ``--bind-fd``/``--ro-bind-fd`` (bubblewrap.c,
+``resolve_symlinks_in_ops``, still so in 0.11), so an fd opened by root does *not* get
+a path under ``/root`` (mode 0700) into the sandbox: bwrap fails with "Can't find
+source path /proc/self/fd/N: Permission denied". Sources the sandbox uid cannot reach
+(checked from the mode bits of every parent directory) are therefore *staged*: a root
+``bwrap`` first makes a private mount namespace (host ``/`` bound as is, a tmpfs on
+``STAGE_DIR``, each such source bound at ``STAGE_DIR/N``), then ``setpriv`` drops
+privileges and execs the real bwrap, which binds from ``STAGE_DIR/N``. Only those
+sources become reachable, and file permissions are still checked against the sandbox
+uid. Keep the parents of bind sources root-owned (a sandbox owning the parent of its
+workdir could swap it for a symlink before a restart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from corral.errors import InvalidConfig, Runtime, Unsupported
+
+from .runtime import RuntimeView
+from .seccomp import build_filter
+
+__all__ = [
+    "DEFAULT_PATH",
+    "ETC_FILES",
+    "SOCKET_DIR",
+    "STAGE_DIR",
+    "BwrapPlan",
+    "can_reach",
+    "find_tool",
+    "plan_sandbox",
+]
+
+SOCKET_DIR = "/run/agent"
+STAGE_DIR = "/run/corral-stage"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_LANG = "C.UTF-8"
+TOP_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+ETC_FILES = (
+    "passwd",
+    "group",
+    "hosts",
+    "host.conf",
+    "nsswitch.conf",
+    "resolv.conf",
+    "gai.conf",
+    "networks",
+    "protocols",
+    "services",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "pki",
+    "crypto-policies",
+    "alternatives",
+    "localtime",
+    "timezone",
+    "os-release",
+    "debian_version",
+    "lsb-release",
+    "mime.types",
+    "magic",
+    "shells",
+    "locale.alias",
+    "locale.conf",
+    "terminfo",
+    "python3",
+    "python3.11",
+    "python3.12",
+    "python3.13",
+)
+_NEVER = frozenset({"shadow", "gshadow", "shadow-", "gshadow-", "sudoers", "sudoers.d", "ssh"})
+_SEARCH_PATH = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
+
+
+def find_tool(name: str) -> str | None:
+    """Absolute path of a system tool (the standard dirs first, then PATH)."""
+    for directory in _SEARCH_PATH:
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which(name)
+
+
+def can_reach(path: str, uid: int, gid: int) -> bool:
+    """Whether uid/gid (no supplementary groups) may search every directory above ``path``.
+
+    Mode bits only: an ACL that denies this uid explicitly is not seen (bwrap then fails
+    with a clear message rather than exposing anything).
+    """
+    for parent in reversed(Path(path).parents):
+        st = os.stat(parent)
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+@dataclass(eq=False)
+class BwrapPlan:
+    """bwrap's argv plus the fds it reads; start it with ``launch.start_bwrap``.
+
+    ``pass_fds`` are for the child only (``O_CLOEXEC`` here; ``subprocess`` keeps them
+    open across the exec); ``release_child_fds()`` closes our copies once bwrap is
+    running. ``info_fd`` is the read end of the ``--info-fd`` pipe (``launch.read_info``).
+    ``staged`` lists (host source, staging path) pairs of the root staging hop. Fds the
+    caller adds to ``pass_fds`` (or gives as ``extra_fds``) stay the caller's to close.
+    """
+
+    argv: list[str]
+    pass_fds: tuple[int, ...]
+    info_fd: int
+    uid: int
+    gid: int
+    staged: tuple[tuple[str, str], ...] = ()
+    _open: set[int] = field(default_factory=set, repr=False)
+    _child_fds: frozenset[int] = field(default_factory=frozenset, repr=False)
+
+    def release_child_fds(self) -> None:
+        """Close our copies of the fds the plan passed to bwrap (idempotent)."""
+        for fd in self._child_fds:
+            self._close_fd(fd)
+
+    def close(self) -> None:
+        """Close every fd the plan opened (idempotent)."""
+        for fd in sorted(self._open):
+            self._close_fd(fd)
+
+    @property
+    def closed(self) -> bool:
+        return not self._open
+
+    @property
+    def startable(self) -> bool:
+        """Every fd bwrap needs is still open (not started yet, not closed)."""
+        return self._child_fds <= self._open and self.info_fd in self._open
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self._open:
+            self._open.discard(fd)
+            os.close(fd)
+
+    def __enter__(self) -> BwrapPlan:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _Builder:
+    """Collects fds so a failure half-way closes what was opened."""
+
+    def __init__(self) -> None:
+        self.fds: set[int] = set()
+
+    def memfd(self, name: str, data: bytes) -> int:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fds.add(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def pipe(self) -> tuple[int, int]:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        self.fds.update((read_end, write_end))
+        return read_end, write_end
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def _host_image(args: list[str]) -> None:
+    args += ["--ro-bind", "/usr", "/usr"]
+    for name in TOP_LINKS:
+        path = f"/{name}"
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    args += ["--dir", "/etc"]
+    for name in ETC_FILES:
+        path = f"/etc/{name}"
+        if name in _NEVER or not os.path.exists(path):
+            continue
+        args += ["--ro-bind", os.path.realpath(path), path]
+    args += ["--symlink", "../proc/self/mounts", "/etc/mtab"]
+
+
+def _check_dest(dest: str) -> str:
+    if not dest.startswith("/") or "\0" in dest or ".." in Path(dest).parts:
+        raise InvalidConfig(f"sandbox paths must be absolute and plain: {dest!r}")
+    return dest
+
+
+def _host_dir(path: str | os.PathLike[str], what: str) -> str:
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise InvalidConfig(f"{what} {os.fspath(path)!r} is not a directory")
+    return real
+
+
+def plan_sandbox(
+    *,
+    name: str,
+    command: Sequence[str],
+    socket_dir: str | os.PathLike[str],
+    workdir_host: str | os.PathLike[str],
+    uid: int,
+    gid: int,
+    workdir: str = "/workspace",
+    env: Mapping[str, str] | None = None,
+    network: bool = False,
+    image: str = "host",
+    runtime: RuntimeView | None = None,
+    extra_ro_binds: Mapping[str, str] | None = None,
+    extra_binds: Mapping[str, str] | None = None,
+    seccomp: bytes | None = None,
+    extra_fds: Sequence[int] = (),
+) -> BwrapPlan:
+    """Plan one sandbox running ``command`` (see the module docstring for the layout).
+
+    ``socket_dir`` and ``workdir_host`` are host directories the sandbox uid can write
+    (the caller creates and chowns them); ``extra_*binds`` map host path -> sandbox path;
+    ``extra_fds`` are caller-owned fds to pass through to the sandbox command.
+    """
+    if image != "host":
+        raise Unsupported(f"image {image!r} in the bwrap planner", "for image='host'")
+    if not command:
+        raise InvalidConfig("empty sandbox command")
+    if not name or len(name) > 64 or "\0" in name:
+        raise InvalidConfig(f"bad sandbox hostname {name!r}")
+    bwrap = find_tool("bwrap")
+    if bwrap is None:
+        raise Runtime("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+    _check_dest(workdir)
+
+    binds: list[tuple[str, str, bool]] = [
+        (_host_dir(socket_dir, "socket dir"), SOCKET_DIR, True),
+        (_host_dir(workdir_host, "workdir"), workdir, True),
+    ]
+    if runtime is not None:
+        binds += [(os.path.realpath(src), dest, False) for src, dest in runtime.ro_binds]
+    for mapping, writable in ((extra_ro_binds, False), (extra_binds, True)):
+        for src, dest in (mapping or {}).items():
+            if not os.path.exists(src):
+                raise InvalidConfig(f"bind source {src!r} does not exist")
+            binds.append((os.path.realpath(src), dest, writable))
+    for _, dest, _ in binds:
+        _check_dest(dest)
+
+    root = os.geteuid() == 0
+    if root and uid == 0:
+        raise InvalidConfig("refusing to run a sandbox as host root (uid 0)")
+    stage = root and any(not can_reach(src, uid, gid) for src, _, _ in binds)
+
+    environ = {"PATH": DEFAULT_PATH, "HOME": workdir, "LANG": DEFAULT_LANG, **(env or {})}
+    builder = _Builder()
+    try:
+        seccomp_fd = builder.memfd("corral-seccomp", build_filter() if seccomp is None else seccomp)
+        info_read, info_write = builder.pipe()
+        empty_files = runtime.empty_files if runtime else ()
+        file_fds = [builder.memfd("corral-file", b"") for _ in empty_files]
+
+        outer: list[str] = []
+        staged: list[tuple[str, str]] = []
+        if stage:
+            outer = [bwrap, "--dev-bind", "/", "/", "--tmpfs", STAGE_DIR]
+            for index, (src, dest, writable) in enumerate(binds):
+                if can_reach(src, uid, gid):
+                    continue
+                spot = f"{STAGE_DIR}/{index}"
+                outer += ["--bind" if writable else "--ro-bind", src, spot]
+                binds[index] = (spot, dest, writable)
+                staged.append((src, spot))
+            outer += ["--die-with-parent", "--"]
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(STAGE_DIR, 0o755)
+        if root:
+            setpriv = find_tool("setpriv")
+            if setpriv is None:
+                raise Runtime("setpriv (util-linux) is needed to start sandboxes as root")
+            outer += [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+            outer += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+
+        args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
+        args += ["--cap-drop", "ALL", "--die-with-parent", "--new-session"]
+        if network:
+            args.append("--share-net")
+        args += ["--hostname", name, "--uid", str(uid), "--gid", str(gid)]
+        args += ["--seccomp", str(seccomp_fd), "--info-fd", str(info_write)]
+        _host_image(args)
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+        args += ["--dir", "/var", "--symlink", "../tmp", "/var/tmp"]
+        for src, dest, writable in binds:
+            args += ["--bind" if writable else "--ro-bind", src, dest]
+        for fd, dest in zip(file_fds, empty_files, strict=True):
+            args += ["--perms", "0444", "--file", str(fd), _check_dest(dest)]
+        args += ["--remount-ro", "/", "--clearenv"]
+        for key, value in environ.items():
+            if not key or "=" in key or "\0" in key + value:
+                raise InvalidConfig(f"bad environment variable {key!r}")
+            args += ["--setenv", key, value]
+        args += ["--chdir", workdir, "--", *command]
+
+        plan = BwrapPlan(
+            argv=outer + args,
+            pass_fds=(seccomp_fd, info_write, *file_fds, *extra_fds),
+            info_fd=info_read,
+            uid=uid,
+            gid=gid,
+            staged=tuple(staged),
+            _open=set(builder.fds),
+            _child_fds=frozenset((seccomp_fd, info_write, *file_fds)),
+        )
+    except BaseException:
+        builder.close()
+        raise
+    return plan
