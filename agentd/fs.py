@@ -104,7 +104,7 @@ def _entry(path: str, st: os.stat_result) -> FsEntry:
 
 def _read(msg: FsRead) -> Message:
     want = FS_CHUNK if msg.length is None else max(0, min(msg.length, FS_CHUNK))
-    fd = os.open(msg.path, os.O_RDONLY)
+    fd = os.open(msg.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the agent
     try:
         parts: list[bytes] = []
         got = 0
@@ -124,7 +124,9 @@ def _read(msg: FsRead) -> Message:
 
 
 def _write(msg: FsWrite) -> Message:
-    flags = os.O_WRONLY | os.O_CREAT
+    """Write at ``offset``; ``append`` ignores offset and truncate; ``truncate`` makes the
+    file end where this write ends; ``mode`` (exact, no umask) applies to regular files."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK
     at_start = msg.offset == 0
     if msg.append:
         flags |= os.O_APPEND

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +79,16 @@ class AgentProcess:
 
 @asynccontextmanager
 async def spawn_agent(
-    *, env: Mapping[str, str] | None = None, cwd: str | None = None
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    wrapper: Sequence[str] = (),
 ) -> AsyncIterator[AgentProcess]:
-    """Start an agent on the host; on exit SIGTERM it (then SIGKILL) and clean up."""
+    """Start an agent on the host; on exit SIGTERM it (then SIGKILL) and clean up.
+
+    ``wrapper`` is prepended to the command line (e.g. ``unshare --pid --fork``); it must
+    pass SIGTERM on to the agent.
+    """
     root = Path(tempfile.mkdtemp(prefix="agentd-"))  # short: AF_UNIX paths are limited
     try:
         pkg = make_package_dir(root)
@@ -93,7 +100,7 @@ async def spawn_agent(
         t0 = time.perf_counter()
         try:
             proc = await trio.lowlevel.open_process(
-                agent_argv(pkg), env=child_env, pass_fds=(w,), cwd=cwd or str(root)
+                [*wrapper, *agent_argv(pkg)], env=child_env, pass_fds=(w,), cwd=cwd or str(root)
             )
         finally:
             os.close(w)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -240,3 +241,30 @@ def test_listen_replaces_a_stale_socket(tmp_path: Path) -> None:
             c.sendall(encode(0, Hello()))
     finally:
         sock.close()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+async def test_as_pid_1_it_reaps_orphans() -> None:
+    wrapper = ["unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM"]
+    with trio.fail_after(10):
+        async with spawn_agent(wrapper=wrapper) as agent:
+            client, ready = await agent.handshake()
+            assert ready.pid == 1
+            res = await client.exec("sh", "-c", "sleep 0.05 & sleep 0.05 & exit 0")
+            assert res.exited == ExecExited(exit_code=0)
+            while True:  # the orphaned sleeps were reparented to the agent: gone, not zombies
+                ps = await client.exec("ps", "-eo", "stat=,comm=")
+                if b"sleep" not in ps.stdout:
+                    break
+                await trio.sleep(0.02)
+            assert b"Z" not in ps.stdout.split()[::2]
+            await client.aclose()
+            # unshare blocks SIGTERM while it waits: signal the agent (its child) directly
+            unshare = agent.process.pid
+            children = (
+                await trio.Path(f"/proc/{unshare}/task/{unshare}/children").read_text()
+            ).split()
+            os.kill(int(children[0]), signal.SIGTERM)
+            assert await agent.process.wait() == 0

@@ -215,3 +215,11 @@ async def test_missing_paths(client: AgentClient, tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     assert error(await call(client, FsList(path=str(tmp_path / "f"))))[0] == "fs_not_a_directory"
     assert error(await call(client, FsStat(path="bad\x00path")))[0] == "fs_error"
+
+
+async def test_fifo_does_not_block_the_agent(client: AgentClient, tmp_path: Path) -> None:
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    assert error(await call(client, FsRead(path=fifo)))[1] == errno.ESPIPE
+    assert error(await call(client, FsWrite(path=fifo, data=b"x")))[1] == errno.ENXIO
+    assert await call(client, FsExists(path=fifo)) == FsExistsReply(exists=True)
