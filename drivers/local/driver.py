@@ -1,0 +1,205 @@
+"""The local driver: each sandbox is a hardened bubblewrap sandbox running ``agentd``.
+
+Per sandbox, under ``<home>/sandboxes/<name>/``: ``run/`` (the agent's socket dir,
+bound at ``/run/agent``), ``work/`` (the writable workdir) and ``agent.log`` (the
+agent's own stdout/stderr). The agent signals readiness on a pipe, so spawn never
+polls for the socket. Killing is by the sandbox's pid-namespace init: when it dies,
+the kernel kills every process of the sandbox; ``--die-with-parent`` does the same if
+the orchestrator dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import trio
+
+from ...backend import LocalBackend
+from ...errors import Runtime
+from ..base import Driver, ExitStatus, SandboxProcess, SandboxSpec
+from . import launch
+from .bwrap import SOCKET_DIR, BwrapPlan, plan_sandbox
+from .runtime import agent_runtime
+
+READY_TIMEOUT = 15.0
+AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
+READY_FD_ENV = "CORRAL_READY_FD"
+
+
+class LocalSandbox(SandboxProcess):
+    """One running bubblewrap sandbox."""
+
+    def __init__(self, name: str, root: Path, process: trio.Process, plan: BwrapPlan) -> None:
+        self.name = name
+        self.root = root
+        self.pid = process.pid
+        self.init_pid: int | None = None
+        self._process = process
+        self._plan = plan
+        self._cleaned = False
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "run" / "agent.sock"
+
+    async def connect(self) -> trio.abc.Stream:
+        try:
+            return await trio.open_unix_socket(str(self.socket_path))
+        except OSError as exc:
+            raise Runtime(f"sandbox {self.name!r}: cannot reach its agent: {exc}") from exc
+
+    def _signal_all(self, sig: int) -> None:
+        if self.init_pid is None:
+            return
+        for pid in launch.sandbox_pids(self.init_pid):
+            _kill(pid, sig)
+
+    async def terminate(self) -> None:
+        self._signal_all(signal.SIGTERM)
+
+    async def kill(self) -> None:
+        # The init of the sandbox's pid namespace takes every process with it.
+        if self.init_pid is not None:
+            _kill(self.init_pid, signal.SIGKILL)
+        if self._process.returncode is None:
+            _kill(self._process.pid, signal.SIGKILL)
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        code = self._process.poll()
+        return None if code is None else _status(code)
+
+    async def wait(self) -> ExitStatus:
+        return _status(await self._process.wait())
+
+    async def cleanup(self) -> None:
+        if self._cleaned:
+            return
+        with trio.CancelScope(shield=True):
+            if self._process.returncode is None:
+                await self.kill()
+                with trio.move_on_after(5.0):
+                    await self._process.wait()
+            self._plan.close()
+            shutil.rmtree(self.root / "run", ignore_errors=True)
+        self._cleaned = True
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+
+
+def _status(code: int) -> ExitStatus:
+    return ExitStatus(None, -code) if code < 0 else ExitStatus(code, None)
+
+
+class LocalDriver(Driver):
+    """Starts bubblewrap sandboxes on this host."""
+
+    kind = "local"
+
+    def __init__(self, backend: LocalBackend | None = None) -> None:
+        self.backend = backend or LocalBackend()
+        reason = launch.bwrap_available()
+        if reason is not None:
+            raise Runtime(f"the local driver cannot start sandboxes here: {reason}")
+        self.uid, self.gid = launch.sandbox_credentials()
+
+    def sandbox_dir(self, name: str) -> Path:
+        path: Path = self.backend.sandboxes_dir / name
+        return path
+
+    async def spawn(self, spec: SandboxSpec) -> SandboxProcess:
+        root = self.sandbox_dir(spec.name)
+        self._prepare_dirs(root)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        env = dict(spec.env)
+        env[READY_FD_ENV] = str(ready_w)
+        process: trio.Process | None = None
+        plan: BwrapPlan | None = None
+        try:
+            runtime = agent_runtime()
+            plan = plan_sandbox(
+                name=spec.name[:64],
+                command=runtime.argv,
+                socket_dir=root / "run",
+                workdir_host=root / "work",
+                uid=self.uid,
+                gid=self.gid,
+                workdir=spec.workdir,
+                env=env,
+                network=spec.network,
+                image=spec.image,
+                runtime=runtime,
+            )
+            # The plan owns the ready pipe's write end from here: it is closed with the
+            # other child-side fds once bwrap runs.
+            plan.pass_fds = (*plan.pass_fds, ready_w)
+            plan._open.add(ready_w)
+            ready_w = -1
+            log = os.open(root / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                process = await launch.start_bwrap(plan, stdout=log, stderr=log)
+            finally:
+                os.close(log)
+            sandbox = LocalSandbox(spec.name, root, process, plan)
+            await self._wait_ready(sandbox, ready_r)
+            sandbox.init_pid = await launch.read_info(plan.info_fd)
+            return sandbox
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if process is not None and process.returncode is None:
+                    process.kill()
+                    with trio.move_on_after(5.0):
+                        await process.wait()
+                if plan is not None:
+                    plan.close()
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        finally:
+            os.close(ready_r)
+            if ready_w >= 0:
+                os.close(ready_w)
+
+    async def _wait_ready(self, sandbox: LocalSandbox, ready_fd: int) -> None:
+        stream = trio.lowlevel.FdStream(os.dup(ready_fd))
+        async with stream:
+            with trio.move_on_after(READY_TIMEOUT):
+                data = await stream.receive_some(1)
+                if data == b"R":
+                    return
+                raise Runtime(
+                    f"sandbox {sandbox.name!r} failed to start: {self._log_tail(sandbox.root)}"
+                )
+        raise Runtime(f"sandbox {sandbox.name!r}: agent not ready within {READY_TIMEOUT:g}s")
+
+    @staticmethod
+    def _log_tail(root: Path) -> str:
+        try:
+            text = (root / "agent.log").read_bytes()[-2000:].decode(errors="replace").strip()
+        except OSError:
+            text = ""
+        return text or "the sandbox exited before its agent was ready"
+
+    def _prepare_dirs(self, root: Path) -> None:
+        self.backend.ensure_dirs()
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(mode=0o755)
+        for sub in ("run", "work"):
+            path = root / sub
+            path.mkdir(mode=0o700)
+            if os.geteuid() == 0:
+                os.chown(path, self.uid, self.gid)
+
+    async def remove(self, name: str) -> None:
+        shutil.rmtree(self.sandbox_dir(name), ignore_errors=True)
