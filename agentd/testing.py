@@ -26,6 +26,7 @@ import trio
 from ..errors import AgentGone
 from ..protocol.framing import SESSION_START, TERMINAL, Frame, FrameDecoder, encode
 from ..protocol.messages import (
+    PROTOCOL_VERSION,
     Exec,
     ExecCredit,
     ExecExited,
@@ -165,7 +166,9 @@ class AgentClient:
         return id
 
     async def hello(self, version: int | None = None) -> Ready:
-        await self.send(0, Hello() if version is None else Hello(version=version), SESSION_START)
+        await self.send(
+            0, Hello(version=PROTOCOL_VERSION if version is None else version), SESSION_START
+        )
         frame = await self.recv(0)
         if not isinstance(frame.msg, Ready):
             raise AssertionError(f"expected Ready, got {frame.msg!r}")

@@ -40,7 +40,8 @@ class Message(msgspec.Struct, tag_field="t", tag=True, omit_defaults=True, kw_on
 
 
 class Hello(Message):
-    version: int = PROTOCOL_VERSION
+    version: int
+    """Required, so it is always on the wire (defaults are omitted when encoding)."""
 
 
 class Ready(Message):

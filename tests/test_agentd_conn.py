@@ -238,7 +238,7 @@ def test_listen_replaces_a_stale_socket(tmp_path: Path) -> None:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(path)
-            c.sendall(encode(0, Hello()))
+            c.sendall(encode(0, Hello(version=PROTOCOL_VERSION)))
     finally:
         sock.close()
 
