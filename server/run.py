@@ -65,7 +65,7 @@ def hypercorn_config(host: str, port: int) -> Config:
 async def corral_host(driver: Any = None) -> AsyncIterator[SandboxHost]:
     import corral
 
-    async with corral.open_supervisor(driver=driver) as sup:  # type: ignore[attr-defined]
+    async with corral.open_supervisor(driver=driver) as sup:
         yield CorralHost(sup)
 
 
