@@ -27,13 +27,12 @@ the ``/proc/self/fd/N`` of ``--bind-fd``/``--ro-bind-fd`` (bubblewrap.c,
 ``resolve_symlinks_in_ops``, still so in 0.11), so an fd opened by root does *not* get
 a path under ``/root`` (mode 0700) into the sandbox: bwrap fails with "Can't find
 source path /proc/self/fd/N: Permission denied". Sources the sandbox uid cannot reach
-(checked from the mode bits of every parent directory) are therefore *staged*: a root
-``bwrap`` first makes a private mount namespace (host ``/`` bound as is, a tmpfs on
-``STAGE_DIR``, each such source bound at ``STAGE_DIR/N``), then ``setpriv`` drops
-privileges and execs the real bwrap, which binds from ``STAGE_DIR/N``. Only those
-sources become reachable, and file permissions are still checked against the sandbox
-uid. Keep the parents of bind sources root-owned (a sandbox owning the parent of its
-workdir could swap it for a symlink before a restart).
+(checked from the mode bits of every parent directory) are therefore *staged* (see
+``_stage``): before dropping privileges, the same process enters a private mount
+namespace and binds each of them under ``STAGE_DIR`` (a tmpfs there), then bwrap binds
+from ``STAGE_DIR/N``. Only those sources become reachable, and file permissions are
+still checked against the sandbox uid. Keep the parents of bind sources root-owned (a
+sandbox owning the parent of its workdir could swap it for a symlink before a restart).
 """
 
 from __future__ import annotations
@@ -143,8 +142,9 @@ class BwrapPlan:
     ``pass_fds`` are for the child only (``O_CLOEXEC`` here; ``subprocess`` keeps them
     open across the exec); ``release_child_fds()`` closes our copies once bwrap is
     running. ``info_fd`` is the read end of the ``--info-fd`` pipe (``launch.read_info``).
-    ``staged`` lists (host source, staging path) pairs of the root staging hop. Fds the
-    caller adds to ``pass_fds`` (or gives as ``extra_fds``) stay the caller's to close.
+    ``staged`` lists (host source, staging path) pairs of the root staging hop.
+    ``extra_fds`` given to ``plan_sandbox`` stay the caller's to close; an fd handed
+    over with ``adopt_child_fd`` is the plan's (closed by ``release_child_fds``).
     """
 
     argv: list[str]
@@ -157,9 +157,17 @@ class BwrapPlan:
     _child_fds: frozenset[int] = field(default_factory=frozenset, repr=False)
 
     def release_child_fds(self) -> None:
-        """Close our copies of the fds the plan passed to bwrap (idempotent)."""
-        for fd in self._child_fds:
+        """Close our copies of the plan-owned fds passed to bwrap (idempotent)."""
+        for fd in self.pass_fds:
             self._close_fd(fd)
+
+    def adopt_child_fd(self, fd: int) -> None:
+        """Pass ``fd`` to the sandbox too, and let the plan close it once bwrap runs."""
+        if fd in self._open:
+            return
+        self.pass_fds = (*self.pass_fds, fd)
+        self._open.add(fd)
+        self._child_fds = self._child_fds | {fd}
 
     def close(self) -> None:
         """Close every fd the plan opened (idempotent)."""
@@ -248,6 +256,57 @@ def _host_dir(path: str | os.PathLike[str], what: str) -> str:
     return real
 
 
+_STAGE_SCRIPT = 'm=$1 t=$2; shift 2; "$m" -a -T "$t" && exec "$@"'
+
+
+def _fstab_escape(path: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def _stage(
+    binds: list[tuple[str, str, bool]], uid: int, gid: int, builder: _Builder
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Rewrite unreachable bind sources to staged paths.
+
+    Returns the argv prefix and the (source, staged path) pairs. The fstab is a memfd of
+    ours that ``mount`` reads as ``/proc/<our pid>/fd/N`` (root may), so no extra fd
+    goes down the chain into the sandbox (dash cannot close fds above 9). It is closed
+    with the plan: keep the plan open until ``read_info`` returned (bwrap only reports
+    after the staging is done).
+
+    One process, no fork: ``unshare --mount`` execs ``sh``, which runs ``mount -a`` on a
+    generated fstab (a tmpfs on STAGE_DIR, then one bind per source, read-only unless
+    the sandbox writes there) and execs the rest of the argv (``setpriv ... bwrap``). So
+    bwrap's parent stays the orchestrator's thread and ``--die-with-parent`` keeps
+    working (a root bwrap in between would not do: its monitor drops every capability
+    and may no longer signal the sandbox uid, so its death would not kill the sandbox).
+    """
+    unshare, sh, mount = find_tool("unshare"), find_tool("sh"), find_tool("mount")
+    if unshare is None or sh is None or mount is None:
+        raise Runtime("unshare, sh and mount (util-linux) are needed to start sandboxes as root")
+    lines = [f"corral-stage {STAGE_DIR} tmpfs mode=0755,size=64k,nosuid,nodev 0 0"]
+    spots: dict[tuple[str, bool], str] = {}
+    staged: list[tuple[str, str]] = []
+    for index, (src, dest, writable) in enumerate(binds):
+        if can_reach(src, uid, gid):
+            continue
+        # a file is staged through its directory: mount points made here are dirs
+        folder, leaf = (src, "") if os.path.isdir(src) else os.path.split(src)
+        key = (folder, writable)
+        if key not in spots:
+            spots[key] = f"{STAGE_DIR}/{len(spots)}"
+            options = "bind,X-mount.mkdir" + ("" if writable else ",ro")
+            lines.append(f"{_fstab_escape(folder)} {spots[key]} none {options} 0 0")
+            staged.append((folder, spots[key]))
+        binds[index] = (f"{spots[key]}/{leaf}" if leaf else spots[key], dest, writable)
+    fstab = builder.memfd("corral-stage-fstab", ("\n".join(lines) + "\n").encode())
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(STAGE_DIR, 0o755)
+    argv = [unshare, "--mount", "--propagation", "slave", "--", sh, "-c", _STAGE_SCRIPT]
+    argv += ["corral-stage", mount, f"/proc/{os.getpid()}/fd/{fstab}"]
+    return argv, staged
+
+
 def plan_sandbox(
     *,
     name: str,
@@ -312,18 +371,9 @@ def plan_sandbox(
 
         outer: list[str] = []
         staged: list[tuple[str, str]] = []
+        child_fds = [seccomp_fd, info_write, *file_fds]
         if stage:
-            outer = [bwrap, "--dev-bind", "/", "/", "--tmpfs", STAGE_DIR]
-            for index, (src, dest, writable) in enumerate(binds):
-                if can_reach(src, uid, gid):
-                    continue
-                spot = f"{STAGE_DIR}/{index}"
-                outer += ["--bind" if writable else "--ro-bind", src, spot]
-                binds[index] = (spot, dest, writable)
-                staged.append((src, spot))
-            outer += ["--die-with-parent", "--"]
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(STAGE_DIR, 0o755)
+            outer, staged = _stage(binds, uid, gid, builder)
         if root:
             setpriv = find_tool("setpriv")
             if setpriv is None:
@@ -353,13 +403,13 @@ def plan_sandbox(
 
         plan = BwrapPlan(
             argv=outer + args,
-            pass_fds=(seccomp_fd, info_write, *file_fds, *extra_fds),
+            pass_fds=(*child_fds, *extra_fds),
             info_fd=info_read,
             uid=uid,
             gid=gid,
             staged=tuple(staged),
             _open=set(builder.fds),
-            _child_fds=frozenset((seccomp_fd, info_write, *file_fds)),
+            _child_fds=frozenset(child_fds),
         )
     except BaseException:
         builder.close()

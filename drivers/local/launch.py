@@ -159,6 +159,10 @@ async def _failure_detail(process: trio.Process | None) -> str:
 async def read_info(fd: int, *, timeout: float = 10.0, process: trio.Process | None = None) -> int:
     """Read bwrap's ``--info-fd`` JSON and return the sandbox init's host pid.
 
+    bwrap reports right after it cloned the sandbox, before the mounts are made: a pid
+    here does not mean the sandbox set-up succeeded (wait for the command's own sign of
+    life for that; a failed set-up ends bwrap with exit status 1 and a message).
+
     Raises :class:`corral.errors.Runtime` if bwrap closes the pipe without reporting
     (it died: the message carries its exit status and stderr when ``process`` is given
     and its stderr is a pipe) or reports nothing within ``timeout`` seconds.
