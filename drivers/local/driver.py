@@ -47,10 +47,18 @@ class LocalSandbox(SandboxProcess):
         return self.root / "run" / "agent.sock"
 
     async def connect(self) -> trio.abc.Stream:
+        # Connect through an O_PATH fd of the socket dir: the full path may exceed the
+        # 108-byte AF_UNIX limit (long homes, 128-character names).
         try:
-            return await trio.open_unix_socket(str(self.socket_path))
+            fd = os.open(self.root / "run", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Runtime(f"sandbox {self.name!r}: its socket dir is gone: {exc}") from exc
+        try:
+            return await trio.open_unix_socket(f"/proc/self/fd/{fd}/agent.sock")
         except OSError as exc:
             raise Runtime(f"sandbox {self.name!r}: cannot reach its agent: {exc}") from exc
+        finally:
+            os.close(fd)
 
     def _signal_all(self, sig: int) -> None:
         if self.init_pid is None:
