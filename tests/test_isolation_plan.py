@@ -107,7 +107,12 @@ def test_network_only_on_request(dirs: tuple[Path, Path]) -> None:
 
 def test_etc_is_a_safe_subset(dirs: tuple[Path, Path]) -> None:
     with make(dirs) as plan:
-        dests = {dest for _, dest in pairs(inner(plan.argv), "--ro-bind", 2)}
+        args = inner(plan.argv)
+        copied = {dest: int(fd) for fd, dest in pairs(args, "--file", 2)}
+        for dest, fd in copied.items():  # the fds bwrap copies /etc files from
+            if dest.startswith("/etc/"):
+                assert os.pread(fd, 1 << 20, 0) == Path(dest).read_bytes()
+    dests = {dest for _, dest in pairs(args, "--ro-bind", 2)} | set(copied)
     etc = {d for d in dests if d.startswith("/etc/")}
     for present in ("/etc/passwd", "/etc/group", "/etc/ld.so.cache", "/etc/nsswitch.conf"):
         if os.path.exists(present):
@@ -145,11 +150,16 @@ def test_fds_are_child_only_and_closed(dirs: tuple[Path, Path]) -> None:
     plan = make(dirs, runtime=agent_runtime())
     if ROOT:  # the staging fstab is read through /proc/<pid>/fd, not passed
         assert len(plan.staged) > 0
-    seccomp_fd, info_write, init_file = plan.pass_fds
+    seccomp_fd, info_write, init_file = plan.pass_fds[:3]
     args = inner(plan.argv)
     assert pairs(args, "--seccomp", 1) == [(str(seccomp_fd),)]
     assert pairs(args, "--info-fd", 1) == [(str(info_write),)]
-    assert pairs(args, "--file", 2) == [(str(init_file), f"{PKG_DIR}/corral/__init__.py")]
+    files = {dest: fd for fd, dest in pairs(args, "--file", 2)}
+    assert files[f"{PKG_DIR}/corral/__init__.py"] == str(init_file)
+    # every other fd bwrap gets is an /etc file it copies in
+    assert {int(fd) for dest, fd in files.items() if dest.startswith("/etc/")} == set(
+        plan.pass_fds[3:]
+    )
     for fd in (*plan.pass_fds, plan.info_fd):
         assert not os.get_inheritable(fd)
     assert os.pread(seccomp_fd, 1 << 16, 0) == build_filter()

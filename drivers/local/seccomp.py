@@ -51,6 +51,7 @@ What the program does, in order:
 from __future__ import annotations
 
 import errno
+import functools
 import platform
 import struct
 from collections.abc import Mapping, Sequence
@@ -369,6 +370,9 @@ def host_arch() -> str:
 
 def build_filter(arch: str | None = None) -> bytes:
     """The packed ``struct sock_filter[]`` for ``arch`` (default: this machine's)."""
-    return b"".join(
-        struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in program(arch or host_arch())
-    )
+    return _packed(arch or host_arch())
+
+
+@functools.cache
+def _packed(arch: str) -> bytes:
+    return b"".join(struct.pack("=HBBI", code, jt, jf, k) for code, jt, jf, k in program(arch))
