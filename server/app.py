@@ -261,9 +261,12 @@ class App:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             while True:
-                for entry in ring.since(last):
+                entries = ring.since(last)
+                for entry in entries:
                     await chunk(sse(entry))
                     last = entry.id
+                if entries:
+                    continue  # more may have come while we sent
                 if not follow or ring.closed or rec.out.status in TERMINAL_STATUSES:
                     break
                 with trio.move_on_after(SSE_HEARTBEAT) as heartbeat:

@@ -123,10 +123,9 @@ class CorralHost:
         sb = self._sandboxes.get(sid)
         if sb is None:
             return None
-        await sb.wait_until_stopped()
-        status = str(getattr(sb.status, "value", sb.status))
-        if status == "crashed":
-            return f"the sandbox crashed ({getattr(sb, 'exit_reason', None) or 'no detail'})"
+        status = await sb.wait_until_stopped()
+        if str(status) == "crashed":
+            return "the sandbox crashed (its agent or top process died)"
         return None
 
     async def remove(self, sid: str) -> None:

@@ -241,7 +241,8 @@ class AgentSession:
     async def _run_exec(
         self, rid: int, req: ma.ExecRequest, inbox: trio.MemoryReceiveChannel[Any]
     ) -> None:
-        code: int | None = None
+        code = 0
+        failure: CorralError | None = None
         try:
             async with self._target.exec_stream(
                 req.cmd,
@@ -254,21 +255,13 @@ class AgentSession:
             ) as proc:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._exec_input, rid, proc, inbox)
-                    async for ev in proc:
-                        if isinstance(ev, ExecStdout):
-                            await self._send(ma.exec_stdout(rid, ev.data))
-                        elif isinstance(ev, ExecStderr):
-                            await self._send(ma.exec_stderr(rid, ev.data))
-                        elif isinstance(ev, ExecStarted):
-                            await self._send(ma.exec_started(rid, ev.pid))
-                        elif isinstance(ev, ExecExited):
-                            code = ev.exit_code
-                            break
-                        elif isinstance(ev, ExecStartFailed):
-                            raise ExecFailed(ev.message, kind=ev.kind, errno=ev.errno)
-                    if code is None:
-                        code = await proc.wait()
+                    try:
+                        code = await self._exec_output(rid, proc)
+                    except CorralError as exc:  # caught here: a nursery would wrap it
+                        failure = exc
                     nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         except ExecFailed as exc:
             await self._send(
                 ma.exec_failed(
@@ -285,6 +278,21 @@ class AgentSession:
             await self._send(ma.exec_failed(rid, kind="other", message=str(exc)))
             return
         await self._send(ma.exec_exited(rid, code))
+
+    async def _exec_output(self, rid: int, proc: ExecProcess) -> int:
+        """Forward the command's events until it exits; its exit code."""
+        async for ev in proc:
+            if isinstance(ev, ExecStdout):
+                await self._send(ma.exec_stdout(rid, ev.data))
+            elif isinstance(ev, ExecStderr):
+                await self._send(ma.exec_stderr(rid, ev.data))
+            elif isinstance(ev, ExecStarted):
+                await self._send(ma.exec_started(rid, ev.pid))
+            elif isinstance(ev, ExecExited):
+                return ev.exit_code
+            elif isinstance(ev, ExecStartFailed):
+                raise ExecFailed(ev.message, kind=ev.kind, errno=ev.errno)
+        return await proc.wait()
 
     async def _exec_input(
         self, rid: int, proc: ExecProcess, inbox: trio.MemoryReceiveChannel[Any]
