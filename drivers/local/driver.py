@@ -152,8 +152,7 @@ class LocalDriver(Driver):
             )
             # The plan owns the ready pipe's write end from here: it is closed with the
             # other child-side fds once bwrap runs.
-            plan.pass_fds = (*plan.pass_fds, ready_w)
-            plan._open.add(ready_w)
+            plan.adopt_child_fd(ready_w)
             ready_w = -1
             log = os.open(root / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
