@@ -70,11 +70,12 @@ class LocalSandbox(SandboxProcess):
         self._signal_all(signal.SIGTERM)
 
     async def kill(self) -> None:
-        # The init of the sandbox's pid namespace takes every process with it.
-        if self.init_pid is not None:
-            _kill(self.init_pid, signal.SIGKILL)
+        # The init of the sandbox's pid namespace takes every process with it, and the
+        # outer bwrap then reaps it and exits by itself (killing bwrap too would orphan
+        # the init as a zombie). Without a known init, kill bwrap.
+        target = self.init_pid if self.init_pid is not None else self._process.pid
         if self._process.returncode is None:
-            _kill(self._process.pid, signal.SIGKILL)
+            _kill(target, signal.SIGKILL)
 
     @property
     def exit_status(self) -> ExitStatus | None:
@@ -90,7 +91,11 @@ class LocalSandbox(SandboxProcess):
         with trio.CancelScope(shield=True):
             if self._process.returncode is None:
                 await self.kill()
-                with trio.move_on_after(5.0):
+                with trio.move_on_after(2.0):
+                    await self._process.wait()
+            if self._process.returncode is None:
+                _kill(self._process.pid, signal.SIGKILL)
+                with trio.move_on_after(3.0):
                     await self._process.wait()
             self._plan.close()
             shutil.rmtree(self.root / "run", ignore_errors=True)
