@@ -196,6 +196,10 @@ def test_v2_limits_and_subtree_control(tmp_path: Path) -> None:
     (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n")
     (leaf / "pids.events").write_text("max 5\n")
     assert cg.oom_kills() == 2 and cg.pids_limit_hits() == 5
+    assert cg.limit_report() == (
+        "out of memory: the memory limit of 64 MiB made the kernel kill 2 processes "
+        "(SIGKILL, exit 137); pids limit 32 refused 5 forks"
+    )
     (leaf / "memory.max").write_text("max\n")
     assert cg.memory_limit_bytes() is None
 
@@ -209,6 +213,9 @@ def test_v1_limits(tmp_path: Path) -> None:
     assert not (leaf / "pids.max").exists()
     (leaf / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
     assert cg.oom_kills() == 3
+    assert "limit of 16 MiB made the kernel kill 3 processes" in str(cg.limit_report())
+    (leaf / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    assert cg.limit_report() is None
     (leaf / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert cg.memory_limit_bytes() is None
 

@@ -54,12 +54,12 @@ from corral.errors import InvalidConfig, Runtime, Unsupported
 from .cgroup_layout import ENV_PARENT, REQUIRED, CgroupLayout, Hierarchy, plan_layout
 
 __all__ = [
-    "keyed",
     "CgroupLayout",
     "Hierarchy",
     "SandboxCgroup",
     "apply_rlimits",
     "detect",
+    "keyed",
     "plan_layout",
     "probe",
     "reap_stale",
@@ -259,7 +259,10 @@ class SandboxCgroup:
                 cgroup.dirs[h] = h.parent / leaf
             cgroup._set_limits(cpus, memory_mib, pids_limit)
         except BaseException as exc:
-            cgroup._remove_now()
+            try:
+                cgroup._remove_now()  # nothing runs in it yet: plain rmdirs
+            except Runtime as undo:
+                log.warning("corral: %s", undo)
             if isinstance(exc, OSError):
                 raise Runtime(f"cannot create cgroup {leaf}: {exc}") from exc
             raise
@@ -358,6 +361,21 @@ class SandboxCgroup:
         """Forks refused at ``pids.max`` (pids.events ``max``)."""
         return keyed(self.read("pids", "pids.events"), "max") or 0
 
+    def limit_report(self) -> str | None:
+        """What the sandbox ran into, for its record (None when it hit no limit)."""
+        notes = []
+        if kills := self.oom_kills():
+            limit = self.memory_limit_bytes()
+            cap = "" if limit is None else f" of {limit >> 20} MiB"
+            notes.append(
+                f"out of memory: the memory limit{cap} made the kernel kill {kills} "
+                f"process{'es' if kills > 1 else ''} (SIGKILL, exit 137)"
+            )
+        if hits := self.pids_limit_hits():
+            cap = (self.read("pids", "pids.max") or "").strip()
+            notes.append(f"pids limit {cap} refused {hits} fork{'s' if hits > 1 else ''}")
+        return "; ".join(notes) or None
+
     def memory_limit_bytes(self) -> int | None:
         if self.version_of("memory") == 2:
             raw = (self.read("memory", "memory.max") or "").strip()
@@ -369,8 +387,9 @@ class SandboxCgroup:
     def _signal_all(self) -> None:
         kill_file = None if self.unified_dir is None else self.unified_dir / "cgroup.kill"
         if kill_file is not None and kill_file.exists():
-            _write(kill_file, "1")
-        for pid in self.pids():  # v1, or what v2's kill did not reach yet
+            _write(kill_file, "1")  # the kernel kills the whole tree, forks included
+            return
+        for pid in self.pids():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -478,7 +497,7 @@ def _warn_fallback(cpus: float | None) -> None:
     if _warned:
         return
     _warned = True
-    reason = why_unavailable() or "cgroups not used"
+    reason = why_unavailable() or "cgroups not in use"
     log.warning(
         "corral: no per-sandbox cgroups (%s); limits fall back to rlimits, which are "
         "weaker: memory_mib caps each process's data size (RLIMIT_DATA, no OOM kill: "
