@@ -32,8 +32,15 @@ from ..protocol import (
 )
 
 HANDSHAKE_TIMEOUT = 10.0
-ROUTE_CAPACITY = 64
+ROUTE_CAPACITY = 1 << 16
+"""Frames one conversation may have queued. Exec credit counts bytes, not frames, so up
+to ``Exec.window`` tiny output frames may legitimately be in flight (one 256 KiB read
+can hold thousands); this is a backstop against a runaway agent, not flow control."""
 RECEIVE_SIZE = 256 * 1024
+SEND_TIMEOUT = 10.0
+"""How long one frame may take to write before the agent counts as gone. Frames are
+written whole even when the sender is cancelled: a half-written frame would corrupt the
+stream for every conversation."""
 
 M = TypeVar("M", bound=Message)
 
@@ -216,11 +223,22 @@ class AgentChannel:
             raise self._error
         data = encode(id, msg, flags)
         async with self._send_lock:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._fail_all(AgentGone(f"{self._label}: connection to the agent was lost"))
-                raise AgentGone(f"{self._label}: connection to the agent was lost") from exc
+            if self._error is not None:
+                raise self._error
+            # Shielded: a send_all cancelled part-way leaves the stream in an unknown
+            # state. Bounded: an agent that stops reading is treated as gone.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + SEND_TIMEOUT
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._fail_all(AgentGone(f"{self._label}: connection to the agent was lost"))
+                    raise AgentGone(f"{self._label}: connection to the agent was lost") from exc
+            if scope.cancelled_caught:
+                error = AgentGone(f"{self._label}: agent stopped reading (send timed out)")
+                self._fail_all(error)
+                raise error
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     @property
     def alive(self) -> bool:

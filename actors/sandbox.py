@@ -1,0 +1,459 @@
+"""SandboxActor: owns one sandbox process and its agent channel.
+
+Lifecycle (stop, drain, the stop ladder) is serialised by a lock; kill is not (it
+escalates a stop in progress). Execs and fs requests run concurrently, each as its own
+task, and talk to the agent over the one multiplexed channel.
+
+Status: created → starting → running → draining → stopped. A process that ends on its
+own, or an agent connection that drops, while nobody is stopping it is ``crashed``.
+Every request in flight when the sandbox stops or crashes ends at once with a typed
+error (SandboxNotRunning when it was stopped, AgentGone when it crashed); requests
+made while it is not running are refused with SandboxNotRunning.
+
+The stop ladder follows the seed (``SandboxHandle::stop_with_timeout``): timeout 0 →
+kill; else ``Shutdown(grace)`` to the agent, poll every 100 ms up to ``timeout``, SIGTERM
+and poll up to the kill timeout (5 s), SIGKILL and poll up to the kill timeout, else
+``Runtime("timed out observing stopped state ...")``; then the driver's cleanup.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import msgspec
+import trio
+
+from ..drivers.base import Driver, ExitStatus, SandboxProcess, SandboxSpec
+from ..errors import (
+    AgentGone,
+    CorralError,
+    InvalidConfig,
+    Runtime,
+    SandboxNotRunning,
+)
+from ..protocol import (
+    Exec,
+    FsData,
+    FsRead,
+    FsWrite,
+    FsWritten,
+    Message,
+    Ok,
+    Shutdown,
+)
+from .channel import AgentChannel
+from .execs import ExecResult, ExecSession, open_session, relay_exec, run_exec
+from .fsops import REPLY_TYPES, read_file, simple_request, write_file
+from .mailbox import Actor, Handler
+from .state import SandboxStatus, Watch
+
+__all__ = [
+    "CLEANUP_TIMEOUT",
+    "DEFAULT_KILL_TIMEOUT",
+    "DEFAULT_STOP_TIMEOUT",
+    "POLL_INTERVAL",
+    "Describe",
+    "Drain",
+    "Kill",
+    "OpenExecStream",
+    "Release",
+    "SandboxActor",
+    "SandboxInfo",
+    "Stop",
+]
+
+logger = logging.getLogger("corral.actors")
+
+DEFAULT_STOP_TIMEOUT = 10.0
+DEFAULT_KILL_TIMEOUT = 5.0
+POLL_INTERVAL = 0.1
+CLEANUP_TIMEOUT = 10.0
+"""Backstop around the driver's (already bounded) cleanup."""
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# -- control messages (actor-internal vocabulary, next to the wire Structs) -----------------
+
+
+class Stop(msgspec.Struct, frozen=True, kw_only=True):
+    """The stop ladder. ``sigterm=False`` skips the SIGTERM rung (fast shutdown)."""
+
+    timeout: float = DEFAULT_STOP_TIMEOUT
+    sigterm: bool = True
+
+
+class Kill(msgspec.Struct, frozen=True, kw_only=True):
+    """SIGKILL now; wait up to the kill timeout to see it gone."""
+
+
+class Drain(msgspec.Struct, frozen=True, kw_only=True):
+    """Refuse new work, let what runs finish (up to ``timeout``), then stop."""
+
+    timeout: float | None = None
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+
+
+class OpenExecStream(msgspec.Struct, frozen=True, kw_only=True):
+    """Start an interactive exec; the answer is an :class:`ExecSession`."""
+
+    exec: Exec
+
+
+class Describe(msgspec.Struct, frozen=True, kw_only=True):
+    """Answered at once (no I/O) with a :class:`SandboxInfo`."""
+
+
+class Release(msgspec.Struct, frozen=True, kw_only=True):
+    """Let go of a detached sandbox: close the channel, leave the process running."""
+
+
+class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    status: SandboxStatus
+    image: str
+    created_at: datetime
+    detached: bool = False
+    pid: int | None = None
+
+
+def _timeout_for_grace(grace: float) -> float:
+    """The ladder timeout whose Shutdown grace is ``grace`` (inverse of the grace rule)."""
+    grace = max(0.0, grace)
+    return grace + 1.0 if grace >= 1.0 else 2.0 * grace
+
+
+class SandboxActor(Actor):
+    def __init__(self, spec: SandboxSpec, driver: Driver) -> None:
+        super().__init__(spec.name)
+        self.spec = spec
+        self.driver = driver
+        self.created_at = datetime.now(UTC)
+        self.status: Watch[SandboxStatus] = Watch(SandboxStatus.CREATED)
+        self.proc: SandboxProcess | None = None
+        self.channel: AgentChannel | None = None
+        self.exit_status: ExitStatus | None = None
+        self.started = False
+        self._lifecycle = trio.Lock()
+        self._stopping = False
+        self._finishing = False
+        self._final: SandboxStatus | None = None
+        self._crash_reason = ""
+        self._released = False
+        self._ops: set[trio.CancelScope] = set()
+        self.active = Watch(0)
+        """Requests in flight (execs, exec streams, fs ops)."""
+        op = functools.partial(Handler, concurrent=True)
+        life = functools.partial(Handler, concurrent=True, cancellable=False)
+        self._handlers: dict[type, Handler] = {
+            Exec: op(self._on_exec),
+            FsRead: op(self._on_fs_read),
+            FsWrite: op(self._on_fs_write),
+            OpenExecStream: op(self._on_exec_stream),
+            Stop: life(self._on_stop),
+            Kill: life(self._on_kill),
+            Drain: life(self._on_drain),
+            Shutdown: life(self._on_shutdown),
+            Describe: Handler(self._on_describe),
+            Release: Handler(self._on_release),
+        }
+        for kind in REPLY_TYPES:
+            self._handlers[kind] = op(self._on_simple)
+
+    def handler_for(self, msg: object) -> Handler:
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise InvalidConfig(f"a sandbox does not handle {type(msg).__name__} messages")
+        return handler
+
+    def info(self) -> SandboxInfo:
+        return SandboxInfo(
+            name=self.name,
+            status=self.status.value,
+            image=self.spec.image,
+            created_at=self.created_at,
+            detached=self.spec.detached,
+            pid=None if self.proc is None else self.proc.pid,
+        )
+
+    # -- the actor's task ------------------------------------------------------------------
+    async def run(
+        self,
+        *,
+        on_ready: Callable[[], None] | None = None,
+        task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Start the sandbox, report ready, serve the mailbox; always clean up."""
+        failed = False
+        try:
+            self.status.set(SandboxStatus.STARTING)
+            self.proc = await self.driver.spawn(self.spec)
+            stream = await self.proc.connect()
+            self.channel = channel = AgentChannel(stream, label=f"sandbox {self.name!r}")
+            await channel.handshake()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(channel.run)
+                nursery.start_soon(self._watch_process, self.proc)
+                nursery.start_soon(self._watch_channel, channel)
+                self.status.set(SandboxStatus.RUNNING)
+                self.started = True
+                if on_ready is not None:
+                    on_ready()
+                task_status.started(self)
+                await self.serve(nursery)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            failed = True
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown(failed)
+            self._shut_mailbox()
+            self.finished.set()
+
+    async def _teardown(self, failed: bool) -> None:
+        with trio.move_on_after(CLEANUP_TIMEOUT):
+            if self.channel is not None:
+                await self.channel.aclose()
+            if self.proc is not None and not self._released:
+                await self.proc.cleanup()
+        if self.proc is not None and self.proc.exit_status is not None:
+            self.exit_status = self.proc.exit_status
+        if not self._released and not self.status.value.terminal:
+            self.status.set(SandboxStatus.CRASHED if failed else SandboxStatus.STOPPED)
+
+    async def _watch_process(self, proc: SandboxProcess) -> None:
+        status = await proc.wait()
+        self.exit_status = status
+        if not self._stopping and not self._finishing:
+            await self._finish(SandboxStatus.CRASHED, f"its process {status.describe()}")
+
+    async def _watch_channel(self, channel: AgentChannel) -> None:
+        await channel.closed.wait()
+        if not self._stopping and not self._finishing:
+            await self._finish(SandboxStatus.CRASHED, "the agent connection was lost")
+
+    async def _finish(self, final: SandboxStatus, reason: str = "") -> None:
+        """Enter a terminal state once: abort requests, close, clean up, publish."""
+        if self._finishing:
+            await self.status.wait_for(lambda s: s.terminal)
+            return
+        self._finishing = True
+        self._final = final
+        self._crash_reason = reason
+        if final is SandboxStatus.CRASHED:
+            logger.warning("sandbox %r crashed: %s", self.name, reason)
+        for scope in list(self._ops):
+            scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            if self.channel is not None:
+                await self.channel.aclose()
+            if self.proc is not None and not self._released:
+                await self.proc.cleanup()
+        if self.proc is not None and self.proc.exit_status is not None:
+            self.exit_status = self.proc.exit_status
+        self.status.set(final)
+
+    # -- requests (concurrent) ---------------------------------------------------------------
+    def _require_channel(self) -> AgentChannel:
+        status = self.status.value
+        if status is not SandboxStatus.RUNNING or self.channel is None or self._finishing:
+            raise SandboxNotRunning(f"sandbox {self.name!r} is {status}")
+        return self.channel
+
+    def _translate(self, exc: CorralError) -> CorralError:
+        if isinstance(exc, AgentGone) and (self._stopping or self._final is SandboxStatus.STOPPED):
+            return SandboxNotRunning(f"sandbox {self.name!r} was stopped")
+        return exc
+
+    def _abort_error(self) -> CorralError:
+        if self._final is SandboxStatus.CRASHED:
+            return AgentGone(f"sandbox {self.name!r} crashed: {self._crash_reason}")
+        return SandboxNotRunning(f"sandbox {self.name!r} was stopped")
+
+    async def _op(self, fn: Callable[[AgentChannel, T], Awaitable[R]], msg: T) -> R:
+        """Run one request: refused unless running, aborted when the sandbox ends."""
+        channel = self._require_channel()
+        scope = trio.CancelScope()
+        self._ops.add(scope)
+        self.active.set(self.active.value + 1)
+        try:
+            with scope:
+                try:
+                    return await fn(channel, msg)
+                except AgentGone as exc:
+                    raise self._translate(exc) from None
+        finally:
+            self._ops.discard(scope)
+            self.active.set(self.active.value - 1)
+        raise self._abort_error()
+
+    async def _on_exec(self, msg: Exec) -> ExecResult:
+        return await self._op(run_exec, msg)
+
+    async def _on_fs_read(self, msg: FsRead) -> FsData:
+        return await self._op(read_file, msg)
+
+    async def _on_fs_write(self, msg: FsWrite) -> FsWritten:
+        return await self._op(write_file, msg)
+
+    async def _on_simple(self, msg: Message) -> Message:
+        return await self._op(simple_request, msg)
+
+    async def _on_exec_stream(self, msg: OpenExecStream) -> ExecSession:
+        self._require_channel()
+        assert self._nursery is not None
+        request = msg.exec
+        if not request.interactive:
+            request = msgspec.structs.replace(request, interactive=True)
+        session: ExecSession = await self._nursery.start(self._relay, request)
+        return session
+
+    async def _relay(self, request: Exec, *, task_status: trio.TaskStatus[ExecSession]) -> None:
+        sessions: list[ExecSession] = []
+
+        async def body(channel: AgentChannel, req: Exec) -> None:
+            async with channel.conversation(req) as conv:
+                session, send = open_session(conv, self._translate)
+                sessions.append(session)
+                with session.scope:
+                    async with send:
+                        task_status.started(session)
+                        await relay_exec(conv, session, send, req.window)
+
+        try:
+            await self._op(body, request)
+        except CorralError as exc:
+            if not sessions:
+                raise
+            sessions[0].error = exc
+        finally:
+            if sessions:
+                sessions[0].closed.set()
+
+    # -- lifecycle (serialised; kill escalates) ----------------------------------------------
+    async def _on_stop(self, msg: Stop) -> Ok:
+        await self.stop(msg.timeout, sigterm=msg.sigterm)
+        return Ok()
+
+    async def _on_shutdown(self, msg: Shutdown) -> Ok:
+        await self.stop(_timeout_for_grace(msg.grace))
+        return Ok()
+
+    async def _on_kill(self, msg: Kill) -> Ok:
+        await self.kill()
+        return Ok()
+
+    async def _on_drain(self, msg: Drain) -> Ok:
+        async with self._lifecycle:
+            if self._settled():
+                await self._wait_terminal()
+                return Ok()
+            self.status.set(SandboxStatus.DRAINING)
+            with trio.move_on_after(float("inf") if msg.timeout is None else msg.timeout):
+                await self.active.wait_for(lambda n: n == 0)
+            await self._ladder(msg.stop_timeout, sigterm=True)
+        return Ok()
+
+    async def _on_describe(self, msg: Describe) -> SandboxInfo:
+        return self.info()
+
+    async def _on_release(self, msg: Release) -> Ok:
+        self._released = True
+        self.close()
+        return Ok()
+
+    def _settled(self) -> bool:
+        return self.status.value.terminal or self._finishing or self.proc is None
+
+    async def _wait_terminal(self) -> None:
+        if self.proc is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.status.wait_for(lambda s: s.terminal)
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT, *, sigterm: bool = True) -> None:
+        """The stop ladder (see the module docstring)."""
+        if self._settled():
+            await self._wait_terminal()
+            return
+        if timeout <= 0:
+            await self.kill()
+            return
+        async with self._lifecycle:
+            if self._settled():
+                await self._wait_terminal()
+                return
+            await self._ladder(timeout, sigterm=sigterm)
+
+    async def _ladder(self, timeout: float, *, sigterm: bool) -> None:
+        proc = self.proc
+        assert proc is not None and self._nursery is not None
+        self._stopping = True
+        self.status.set(SandboxStatus.DRAINING)
+        grace = max(0.0, timeout - min(1.0, timeout / 2))
+        self._nursery.start_soon(self._send_shutdown, grace, timeout)
+        exited = await self._poll_exit(timeout)
+        if not exited and sigterm:
+            logger.warning("sandbox %r: graceful stop exceeded %gs, SIGTERM", self.name, timeout)
+            await self._signal(proc.terminate)
+            exited = await self._poll_exit(DEFAULT_KILL_TIMEOUT)
+        if not exited:
+            logger.warning("sandbox %r: escalating to SIGKILL", self.name)
+            await self._signal(proc.kill)
+            exited = await self._poll_exit(DEFAULT_KILL_TIMEOUT)
+        await self._finish(SandboxStatus.STOPPED)
+        if not exited:
+            raise Runtime(f"timed out observing stopped state for sandbox {self.name!r}")
+
+    async def kill(self) -> None:
+        """SIGKILL, wait up to the kill timeout to observe it, clean up."""
+        if self._settled():
+            await self._wait_terminal()
+            return
+        proc = self.proc
+        assert proc is not None
+        self._stopping = True
+        self.status.set(SandboxStatus.DRAINING)
+        await self._signal(proc.kill)
+        exited = await self._poll_exit(DEFAULT_KILL_TIMEOUT)
+        await self._finish(SandboxStatus.STOPPED)
+        if not exited:
+            raise Runtime(f"timed out observing stopped state for sandbox {self.name!r}")
+
+    async def _send_shutdown(self, grace: float, bound: float) -> None:
+        channel = self.channel
+        if channel is None or not channel.alive:
+            return
+        with trio.move_on_after(bound):
+            try:
+                await channel.request(Shutdown(grace=grace))
+            except CorralError:
+                pass
+
+    async def _signal(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        except (OSError, CorralError) as exc:
+            logger.warning("sandbox %r: %s failed: %s", self.name, fn.__name__, exc)
+
+    async def _poll_exit(self, duration: float) -> bool:
+        """Poll ``exit_status`` every 100 ms for ``duration``; True once it is gone."""
+        proc = self.proc
+        assert proc is not None
+        start = trio.current_time()
+        deadline = start + duration
+        tick = 0
+        while True:
+            if self._finishing or proc.exit_status is not None:
+                return True
+            if trio.current_time() >= deadline:
+                return False
+            tick += 1
+            await trio.sleep_until(min(start + tick * POLL_INTERVAL, deadline))

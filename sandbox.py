@@ -1,0 +1,325 @@
+"""The user-facing sandbox handle returned by ``Supervisor.create`` / ``get``.
+
+A :class:`Sandbox` is a thin, cheap handle: every operation is an ``ask`` (or ``tell``)
+to the sandbox's actor, with the same message Structs the wire carries. Its ``status``
+is the actor's watchable value, read directly.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from .actors.execs import ExecResult, ExecSession
+from .actors.sandbox import Describe, Drain, Kill, OpenExecStream, SandboxActor, SandboxInfo, Stop
+from .actors.state import SandboxStatus
+from .errors import AgentGone, ExecTimeout, InvalidConfig, Runtime
+from .protocol import (
+    EXEC_CHUNK,
+    Exec,
+    ExecExited,
+    ExecResize,
+    ExecSignal,
+    ExecStdin,
+    FsCopy,
+    FsData,
+    FsEntry,
+    FsExists,
+    FsExistsReply,
+    FsList,
+    FsListReply,
+    FsMkdir,
+    FsRead,
+    FsRemove,
+    FsRename,
+    FsStat,
+    FsStatReply,
+    FsWrite,
+    FsWritten,
+    Message,
+    Ok,
+    Ping,
+    Pong,
+)
+
+__all__ = ["ExecProcess", "Sandbox", "SandboxFs"]
+
+CLOSE_TIMEOUT = 3.0
+"""How long leaving an exec_stream block waits for the kill to be delivered."""
+
+
+def _exec_request(
+    cmd: str,
+    args: Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    if not isinstance(cmd, str) or not cmd:
+        raise InvalidConfig("cmd must be a non-empty string")
+    if isinstance(args, str | bytes):
+        raise InvalidConfig("args must be a sequence of strings, not a single string")
+    argv = list(args)
+    if not all(isinstance(a, str) for a in argv):
+        raise InvalidConfig("every argument must be a string")
+    if timeout is not None and not timeout > 0:
+        raise InvalidConfig(f"timeout must be greater than 0, got {timeout!r}")
+    return {
+        "cmd": cmd,
+        "args": argv,
+        "env": dict(env or {}),
+        "cwd": cwd,
+        "timeout": None if timeout is None else float(timeout),
+    }
+
+
+def _as_bytes(data: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(data, str):
+        return data.encode()
+    return bytes(data)
+
+
+class Sandbox:
+    """A handle on one sandbox (cheap; many handles may point at the same sandbox)."""
+
+    __slots__ = ("_actor", "fs")
+
+    def __init__(self, actor: SandboxActor) -> None:
+        self._actor = actor
+        self.fs = SandboxFs(actor)
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.name!r} {self.status}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sandbox) and other._actor is self._actor
+
+    def __hash__(self) -> int:
+        return hash(id(self._actor))
+
+    @property
+    def name(self) -> str:
+        return self._actor.name
+
+    @property
+    def status(self) -> SandboxStatus:
+        """The current status (a live value, no I/O)."""
+        return self._actor.status.value
+
+    @property
+    def image(self) -> str:
+        return self._actor.spec.image
+
+    @property
+    def created_at(self) -> datetime:
+        return self._actor.created_at
+
+    async def info(self) -> SandboxInfo:
+        return await self._actor.ask_as(Describe(), SandboxInfo)
+
+    # -- exec --------------------------------------------------------------------------
+    async def exec(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command to its end; ExecTimeout (with partial output) past ``timeout``."""
+        fields = _exec_request(cmd, args, env, cwd, timeout)
+        request = Exec(**fields, stdin=None if stdin is None else _as_bytes(stdin))
+        return await self._actor.ask_as(request, ExecResult)
+
+    @asynccontextmanager
+    async def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ExecProcess]:
+        """An interactive exec; leaving the block (or being cancelled) kills the process."""
+        fields = _exec_request(cmd, args, env, cwd, timeout)
+        request = Exec(**fields, interactive=True, tty=bool(tty), rows=rows, cols=cols)
+        session = await self._actor.ask_as(OpenExecStream(exec=request), ExecSession)
+        proc = ExecProcess(session, request)
+        try:
+            yield proc
+        finally:
+            await proc.aclose()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def stop(self, timeout: float = 10.0) -> None:
+        """The stop ladder: Shutdown, ``timeout``, SIGTERM, 5 s, SIGKILL, 5 s."""
+        await self._actor.ask_as(Stop(timeout=timeout), Ok)
+
+    async def kill(self) -> None:
+        await self._actor.ask_as(Kill(), Ok)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new work, let running work finish (up to ``timeout``), then stop."""
+        await self._actor.ask_as(Drain(timeout=timeout), Ok)
+
+    async def wait_until_stopped(self) -> SandboxStatus:
+        """Wait (no polling) until the sandbox is stopped or crashed; return which."""
+        return await self._actor.status.wait_for(lambda s: s.terminal)
+
+    async def ping(self) -> None:
+        await self._actor.ask_as(Ping(), Pong)
+
+    # -- low level ---------------------------------------------------------------------
+    async def ask(self, msg: object) -> Any:
+        return await self._actor.ask(msg)
+
+    async def tell(self, msg: object) -> None:
+        await self._actor.tell(msg)
+
+
+class SandboxFs:
+    """``sb.fs``: files inside the sandbox (paths are the sandbox's own)."""
+
+    __slots__ = ("_actor",)
+
+    def __init__(self, actor: SandboxActor) -> None:
+        self._actor = actor
+
+    async def read(self, path: str) -> bytes:
+        reply = await self._actor.ask_as(FsRead(path=path), FsData)
+        return reply.data
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read(path)).decode(encoding)
+
+    async def write(
+        self,
+        path: str,
+        data: bytes | bytearray | memoryview | str,
+        *,
+        append: bool = False,
+        mode: int | None = None,
+    ) -> int:
+        """Write (replace, or append to) a file of any size; returns the bytes written."""
+        request = FsWrite(path=path, data=_as_bytes(data), append=append, mode=mode)
+        reply = await self._actor.ask_as(request, FsWritten)
+        return reply.written
+
+    async def stat(self, path: str, *, follow_symlinks: bool = True) -> FsEntry:
+        reply = await self._actor.ask_as(
+            FsStat(path=path, follow_symlinks=follow_symlinks), FsStatReply
+        )
+        return reply.entry
+
+    async def list(self, path: str) -> list[FsEntry]:
+        reply = await self._actor.ask_as(FsList(path=path), FsListReply)
+        return reply.entries
+
+    async def mkdir(self, path: str, *, parents: bool = False, mode: int | None = None) -> None:
+        await self._actor.ask_as(FsMkdir(path=path, parents=parents, mode=mode), Ok)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._actor.ask_as(FsRemove(path=path, recursive=recursive), Ok)
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self._actor.ask_as(FsCopy(src=src, dst=dst), Ok)
+
+    async def rename(self, src: str, dst: str) -> None:
+        await self._actor.ask_as(FsRename(src=src, dst=dst), Ok)
+
+    async def exists(self, path: str) -> bool:
+        reply = await self._actor.ask_as(FsExists(path=path), FsExistsReply)
+        return reply.exists
+
+
+class ExecProcess:
+    """A running streamed exec: stdin, signals, resize, and its events in order.
+
+    ``async for ev in proc`` yields ExecStarted / ExecStdout / ExecStderr / ExecExited;
+    ``await proc.wait()`` reads (and drops) what is left and returns the exit code.
+    """
+
+    def __init__(self, session: ExecSession, request: Exec) -> None:
+        self._session = session
+        self._request = request
+
+    def __repr__(self) -> str:
+        return f"<ExecProcess {self._request.cmd!r} pid={self.pid} exit={self.exit_code}>"
+
+    @property
+    def pid(self) -> int | None:
+        return self._session.pid
+
+    @property
+    def exited(self) -> ExecExited | None:
+        return self._session.exited
+
+    @property
+    def exit_code(self) -> int | None:
+        exited = self._session.exited
+        return None if exited is None else exited.exit_code
+
+    async def _send(self, msg: Message) -> None:
+        await self._session.send(msg)
+
+    async def send_stdin(self, data: bytes | bytearray | memoryview | str) -> None:
+        raw = _as_bytes(data)
+        for start in range(0, len(raw), EXEC_CHUNK):
+            await self._send(ExecStdin(data=raw[start : start + EXEC_CHUNK]))
+
+    async def close_stdin(self) -> None:
+        await self._send(ExecStdin(eof=True))
+
+    async def signal(self, signum: int) -> None:
+        await self._send(ExecSignal(signal=int(signum)))
+
+    async def kill(self) -> None:
+        await self.signal(_signal.SIGKILL)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._send(ExecResize(rows=rows, cols=cols))
+
+    def __aiter__(self) -> ExecProcess:
+        return self
+
+    async def __anext__(self) -> Message:
+        session = self._session
+        try:
+            return await session.events.receive()
+        except trio.EndOfChannel:
+            pass
+        except trio.ClosedResourceError:
+            raise Runtime("this exec stream is closed") from None
+        await session.closed.wait()
+        if session.exited is not None:
+            raise StopAsyncIteration
+        if session.error is not None:
+            raise session.error
+        raise AgentGone(f"{self._request.cmd}: exec stream ended without an exit event")
+
+    async def wait(self) -> int:
+        """Wait for the command to end (dropping unread output); its exit code."""
+        async for _event in self:
+            pass
+        exited = self._session.exited
+        assert exited is not None
+        if exited.timed_out:
+            raise ExecTimeout(f"{self._request.cmd}: timed out after {self._request.timeout:g}s")
+        return exited.exit_code
+
+    async def aclose(self) -> None:
+        """Kill the command unless it has ended; wait (bounded, shielded) for the relay."""
+        self._session.discard()
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await self._session.closed.wait()
