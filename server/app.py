@@ -303,7 +303,7 @@ class App:
         ws = AsgiWebSocket(receive, send)
         touch = self.plane.session_started(rec)
         try:
-            await AgentSession(target, ws, on_activity=touch).run()
+            await AgentSession(target, ws, on_activity=touch, log=self.plane.logs(rec).append).run()
         finally:
             self.plane.session_ended(rec)
             if not ws.disconnected:

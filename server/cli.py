@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "serve",
         help="serve the microsandbox-compatible cloud API",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument(
@@ -88,16 +90,29 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; then stop every sandbox and exit 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    trio.run(
-        lambda: serve(
-            _data_dir(args),
-            host=args.host,
-            port=args.port,
-            allow_network=args.sandbox_network == "host",
-            max_per_org=args.max_sandboxes_per_org,
-        )
-    )
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    logging.getLogger("corral.server").info(
+                        "%s: shutting down", signal.Signals(signum).name
+                    )
+                    return
+
+            await serve(
+                _data_dir(args),
+                host=args.host,
+                port=args.port,
+                allow_network=args.sandbox_network == "host",
+                max_per_org=args.max_sandboxes_per_org,
+                shutdown_trigger=on_signal,
+            )
+
+    trio.run(main)
     return 0
 
 

@@ -109,12 +109,14 @@ class AgentSession:
         transport: Transport,
         *,
         on_activity: Callable[[], None] | None = None,
+        log: Callable[[str, bytes | str, int | None], None] | None = None,
         agent_version: str = "corral",
         max_sessions: int = MAX_SESSIONS,
     ) -> None:
         self._target = target
         self._transport = transport
         self._on_activity = on_activity or (lambda: None)
+        self._log = log or (lambda source, data, session_id: None)
         self._agent_version = agent_version
         self._max_sessions = max_sessions
         self._decoder = ma.FrameDecoder()
@@ -234,6 +236,7 @@ class AgentSession:
                     )
                 )
                 return
+            self._log("system", f"exec {' '.join([req.cmd, *req.args])[:200]}", rid)
             await self._run_exec(rid, req, inbox)
         finally:
             self._end(rid)
@@ -283,12 +286,15 @@ class AgentSession:
         """Forward the command's events until it exits; its exit code."""
         async for ev in proc:
             if isinstance(ev, ExecStdout):
+                self._log("stdout", ev.data, rid)
                 await self._send(ma.exec_stdout(rid, ev.data))
             elif isinstance(ev, ExecStderr):
+                self._log("stderr", ev.data, rid)
                 await self._send(ma.exec_stderr(rid, ev.data))
             elif isinstance(ev, ExecStarted):
                 await self._send(ma.exec_started(rid, ev.pid))
             elif isinstance(ev, ExecExited):
+                self._log("system", f"exec exited with code {ev.exit_code}", rid)
                 return ev.exit_code
             elif isinstance(ev, ExecStartFailed):
                 raise ExecFailed(ev.message, kind=ev.kind, errno=ev.errno)

@@ -90,7 +90,7 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled (or ``shutdown_trigger`` returns).
+    """Serve until cancelled, or until ``shutdown_trigger`` returns.
 
     ``sandbox_host`` builds where sandboxes run (default: ``corral.open_supervisor``
     with ``driver``, the local driver when None).
@@ -110,12 +110,7 @@ async def serve(
                 store, sandboxes, nursery, allow_network=allow_network, max_per_org=max_per_org
             )
             app: Any = App(plane)  # hypercorn's ASGI types are narrower than the protocol
-            run = partial(
-                hypercorn_serve,
-                app,
-                hypercorn_config(host, port),
-                shutdown_trigger=shutdown_trigger,
-            )
+            run = partial(hypercorn_serve, app, hypercorn_config(host, port))
             binds: list[str] = await nursery.start(run)
             url = binds[0]
             bound = int(url.rsplit(":", 1)[1])

@@ -404,6 +404,10 @@ async def test_agent_websocket_statuses_and_exec(tmp_path: Path) -> None:
             payloads = [ma.decode_envelope(f.body).payload for f in frames]
             assert payloads == [{"data": b"hi\n"}, {"code": 0}]
 
+        text = (await srv.http.get(f"/v1/sandboxes/{sb['id']}/logs")).text
+        assert '"source":"stdout","data":"hi\\n","session_id":5' in text
+        assert '"data":"exec echo hi","session_id":5' in text
+
         await srv.http.post(f"/v1/sandboxes/{sb['id']}/stop", json={})
         await trio.testing.wait_all_tasks_blocked()
         assert await upgrade_status(srv, path, srv.info.first_key) == 409

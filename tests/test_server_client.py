@@ -235,6 +235,51 @@ async def test_exec_exec_stream_and_fs_over_the_agent_socket(tmp_path: Path) -> 
     print(f"exec round trip via corral serve (FakeDriver): {got['rtt_ms']:.2f} ms")
 
 
+async def test_more_of_the_sdk_surface(tmp_path: Path) -> None:
+    drivers: list[FakeDriver] = []
+    host_file = tmp_path / "from-host.bin"
+    host_file.write_bytes(b"host bytes" * 1000)
+    back = tmp_path / "back.bin"
+    with trio.fail_after(60):
+        async with live_server(tmp_path / "srv", fake_host(drivers)) as live:
+            got = await live.client(
+                f"""
+                await m.Sandbox.create("y", image="host")
+                sb = await (await m.Sandbox.get("y")).connect()
+                out(connected=res(await sb.exec("echo", ["via-get"])))
+                h = await sb.exec_stream("cat", stdin=m.Stdin.pipe())
+                sink = h.take_stdin()
+                await sink.write(b"line one\\n")
+                await sink.write(b"line two\\n")
+                await sink.close()
+                out(piped=res(await h.collect()))
+                h = await sb.exec_stream("sleep", ["30"])
+                await h.kill()
+                out(killed=(await h.collect()).exit_code)
+                out(timeout=await fails(sb.exec("sleep", ["30"], timeout=0.5)))
+                async with await sb.fs.write_stream("/workspace/s.txt") as w:
+                    for i in range(3):
+                        await w.write(f"chunk {{i}}\\n".encode())
+                chunks = [c async for c in await sb.fs.read_stream("/workspace/s.txt")]
+                out(streamed=b"".join(chunks).decode())
+                await sb.fs.copy_from_host({str(host_file)!r}, "/workspace/h.bin")
+                await sb.fs.copy_to_host("/workspace/h.bin", {str(back)!r})
+                handle = await m.Sandbox.get("y")
+                await handle.stop()
+                await handle.remove()
+                out(gone=await fails(m.Sandbox.get("y")))
+                """
+            )
+    assert got["connected"]["out"] == "via-get\n"
+    assert got["piped"] == {"code": 0, "out": "line one\nline two\n", "err": ""}
+    assert got["killed"] == 128 + 9
+    assert got["timeout"][0] == "ExecTimeoutError"
+    assert got["streamed"] == "chunk 0\nchunk 1\nchunk 2\n"
+    assert back.read_bytes() == host_file.read_bytes()
+    assert got["gone"][0] == "SandboxNotFoundError"
+    assert not drivers[0].leaked
+
+
 async def test_orgs_and_keys_seen_from_the_client(tmp_path: Path) -> None:
     drivers: list[FakeDriver] = []
     with trio.fail_after(60):
@@ -260,14 +305,15 @@ async def test_orgs_and_keys_seen_from_the_client(tmp_path: Path) -> None:
     assert mine["n"] == 1
 
 
-@asynccontextmanager
-async def local_host() -> AsyncIterator[SandboxHost]:
-    async with corral.open_supervisor() as sup:
-        yield CorralHost(sup)
-
-
 @pytest.mark.integration
-async def test_real_sandboxes_through_the_unmodified_client(tmp_path: Path) -> None:
+async def test_real_sandboxes_through_the_unmodified_client(
+    tmp_path: Path, local_backend: Any
+) -> None:
+    @asynccontextmanager
+    async def local_host() -> AsyncIterator[SandboxHost]:
+        async with corral.open_supervisor(local_backend) as sup:
+            yield CorralHost(sup)
+
     with trio.fail_after(180):
         async with live_server(tmp_path / "srv", local_host) as live:
             got = await live.client(
