@@ -20,9 +20,12 @@ import signal as _signal
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
+
+if TYPE_CHECKING:
+    from .local.metrics import SandboxMetrics
 
 DEFAULT_WORKDIR = "/workspace"
 DEFAULT_IMAGE = "host"
@@ -69,6 +72,18 @@ class SandboxProcess(ABC):
     name: str
     pid: int | None = None
     """Host pid of the sandbox's top process, when there is one."""
+    exit_reason: str | None = None
+    """Why the sandbox ended, when the driver knows more than the exit status (OOM...)."""
+
+    def limit_report(self) -> str | None:
+        """Why the kernel killed something in this sandbox (OOM, pids limit), if it did."""
+        return None
+
+    async def metrics(self) -> SandboxMetrics:
+        """Resource usage now."""
+        from ..errors import Unsupported
+
+        raise Unsupported(f"metrics on the {type(self).__name__} driver", "")
 
     @abstractmethod
     async def connect(self) -> trio.abc.Stream:

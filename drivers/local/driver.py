@@ -11,6 +11,7 @@ the orchestrator dies.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -21,9 +22,13 @@ import trio
 from ...backend import LocalBackend
 from ...errors import Runtime
 from ..base import Driver, ExitStatus, SandboxProcess, SandboxSpec
+from . import cgroup as cgroups
 from . import launch
 from .bwrap import SOCKET_DIR, BwrapPlan, plan_sandbox
+from .metrics import MetricsSampler, SandboxMetrics
 from .runtime import agent_runtime
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 15.0
 AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
@@ -33,14 +38,39 @@ READY_FD_ENV = "CORRAL_READY_FD"
 class LocalSandbox(SandboxProcess):
     """One running bubblewrap sandbox."""
 
-    def __init__(self, name: str, root: Path, process: trio.Process, plan: BwrapPlan) -> None:
-        self.name = name
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        root: Path,
+        process: trio.Process,
+        plan: BwrapPlan,
+        cgroup: cgroups.SandboxCgroup | None,
+    ) -> None:
+        self.name = spec.name
+        self.spec = spec
         self.root = root
         self.pid = process.pid
         self.init_pid: int | None = None
+        self.cgroup = cgroup
         self._process = process
         self._plan = plan
+        self._sampler: MetricsSampler | None = None
         self._cleaned = False
+
+    def limit_report(self) -> str | None:
+        """Why the kernel killed something in this sandbox (OOM, pids limit), if it did."""
+        return None if self.cgroup is None else self.cgroup.limit_report()
+
+    async def metrics(self) -> SandboxMetrics:
+        if self._sampler is None:
+            limit = self.spec.memory_mib
+            self._sampler = MetricsSampler(
+                cgroup=self.cgroup,
+                init_pid=self.init_pid,
+                memory_limit_bytes=None if limit is None else limit << 20,
+            )
+        await trio.lowlevel.checkpoint()
+        return self._sampler.sample()
 
     @property
     def socket_path(self) -> Path:
@@ -97,6 +127,10 @@ class LocalSandbox(SandboxProcess):
                 _kill(self._process.pid, signal.SIGKILL)
                 with trio.move_on_after(3.0):
                     await self._process.wait()
+            if self.cgroup is not None:
+                self.exit_reason = self.cgroup.limit_report()
+                await self.cgroup.kill_all()
+                await self.cgroup.remove()
             self._plan.close()
             shutil.rmtree(self.root / "run", ignore_errors=True)
         self._cleaned = True
@@ -127,14 +161,21 @@ class LocalDriver(Driver):
         if reason is not None:
             raise Runtime(f"the local driver cannot start sandboxes here: {reason}")
         self.uid, self.gid = launch.sandbox_credentials()
+        self.cgroups = cgroups.detect()
+        if self.cgroups is not None:
+            cgroups.reap_stale(layout=self.cgroups)
+        else:
+            log.info("corral: no per-sandbox cgroups: %s", cgroups.why_unavailable())
 
     def sandbox_dir(self, name: str) -> Path:
         path: Path = self.backend.sandboxes_dir / name
         return path
 
     async def spawn(self, spec: SandboxSpec) -> SandboxProcess:
+        cgroups.validate_limits(spec.cpus, spec.memory_mib, spec.pids_limit)
         root = self.sandbox_dir(spec.name)
         self._prepare_dirs(root)
+        cgroup: cgroups.SandboxCgroup | None = None
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         env = dict(spec.env)
         env[READY_FD_ENV] = str(ready_w)
@@ -159,12 +200,24 @@ class LocalDriver(Driver):
             # other child-side fds once bwrap runs.
             plan.adopt_child_fd(ready_w)
             ready_w = -1
+            if self.cgroups is not None:
+                cgroup = cgroups.SandboxCgroup.create(
+                    spec.name,
+                    cpus=spec.cpus,
+                    memory_mib=spec.memory_mib,
+                    pids_limit=spec.pids_limit,
+                    layout=self.cgroups,
+                )
+                plan.argv = cgroup.wrap_argv(plan.argv)
+            else:
+                limits = (spec.memory_mib, spec.pids_limit)
+                plan.argv = cgroups.rlimit_prefix(*limits, cpus=spec.cpus) + plan.argv
             log = os.open(root / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 process = await launch.start_bwrap(plan, stdout=log, stderr=log)
             finally:
                 os.close(log)
-            sandbox = LocalSandbox(spec.name, root, process, plan)
+            sandbox = LocalSandbox(spec, root, process, plan, cgroup)
             await self._wait_ready(sandbox, ready_r)
             sandbox.init_pid = await launch.read_info(plan.info_fd)
             return sandbox
@@ -174,6 +227,9 @@ class LocalDriver(Driver):
                     process.kill()
                     with trio.move_on_after(5.0):
                         await process.wait()
+                if cgroup is not None:
+                    await cgroup.kill_all()
+                    await cgroup.remove()
                 if plan is not None:
                     plan.close()
                 shutil.rmtree(root, ignore_errors=True)
