@@ -109,6 +109,7 @@ class CorralHost:
             "network": plan.network,
             "cpus": plan.cpus,
             "memory_mib": plan.memory_mib,
+            "labels": dict(plan.labels),
         }
         if plan.workdir is not None:
             kwargs["workdir"] = plan.workdir
