@@ -301,11 +301,12 @@ class App:
             return
         await send({"type": "websocket.accept"})
         ws = AsgiWebSocket(receive, send)
-        touch = self.plane.session_started(rec)
+        session = self.plane.session_started(rec)
+        log = self.plane.logs(rec).append
         try:
-            await AgentSession(target, ws, on_activity=touch, log=self.plane.logs(rec).append).run()
+            await AgentSession(target, ws, on_activity=session.touch, log=log).run()
         finally:
-            self.plane.session_ended(rec)
+            session.end()
             if not ws.disconnected:
                 with trio.CancelScope(shield=True):
                     await send({"type": "websocket.close", "code": 1000})

@@ -69,6 +69,27 @@ class Live:
     last_activity: float = 0.0
 
 
+class Session:
+    """One agent connection: keeps its sandbox run from counting as idle."""
+
+    def __init__(self, live: Live | None) -> None:
+        self._live = live
+        self._open = live is not None
+        if live is not None:
+            live.sessions += 1
+            live.last_activity = trio.current_time()
+
+    def touch(self) -> None:
+        if self._live is not None:
+            self._live.last_activity = trio.current_time()
+
+    def end(self) -> None:
+        if self._open and self._live is not None:
+            self._open = False
+            self._live.sessions -= 1
+            self._live.last_activity = trio.current_time()
+
+
 class ControlPlane:
     def __init__(
         self,
@@ -208,24 +229,9 @@ class ControlPlane:
             )
         return self.host.target(rec.id)
 
-    def session_started(self, rec: SandboxRecord) -> Callable[[], None]:
-        """Count an agent session; returns the activity callback for it."""
-        live = self._live.get(rec.id)
-        if live is None:
-            return lambda: None
-        live.sessions += 1
-        live.last_activity = trio.current_time()
-
-        def touch() -> None:
-            live.last_activity = trio.current_time()
-
-        return touch
-
-    def session_ended(self, rec: SandboxRecord) -> None:
-        live = self._live.get(rec.id)
-        if live is not None:
-            live.sessions -= 1
-            live.last_activity = trio.current_time()
+    def session_started(self, rec: SandboxRecord) -> Session:
+        """Count an agent session against the sandbox's current run (idle timeout)."""
+        return Session(self._live.get(rec.id))
 
     # -- lifecycle ----------------------------------------------------------------------------
 

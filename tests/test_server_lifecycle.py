@@ -101,14 +101,15 @@ async def test_idle_timeout_counts_agent_sessions_as_activity(
     async with plane(tmp_path) as cp:
         rec = await create(cp, plan("a", idle_timeout_secs=30))
         await trio.sleep(20)
-        touch = cp.session_started(rec)  # a client connects at t=20 and stays 100 s
+        session = cp.session_started(rec)  # a client connects at t=20 and stays 100 s
         for _ in range(10):
             await trio.sleep(10)
-            touch()
+            session.touch()
         assert rec.out.status == "running"
         await trio.sleep(100)  # connected but silent: still not idle
         assert rec.out.status == "running"
-        cp.session_ended(rec)
+        session.end()
+        session.end()  # idempotent: the count stays right
         await trio.sleep(29)
         assert rec.out.status == "running"
         await trio.sleep(2)
@@ -207,3 +208,21 @@ async def test_quota_per_org(tmp_path: Path) -> None:
             await cp.create("org2", plan("c"), start=False, wait=False, wait_timeout=0)
             nursery.cancel_scope.cancel()
         store.close()
+
+
+async def test_a_session_from_a_previous_run_does_not_skew_idleness(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    async with plane(tmp_path) as cp:
+        rec = await create(cp, plan("a", idle_timeout_secs=30))
+        old = cp.session_started(rec)
+        await cp.stop(rec)
+        await trio.sleep(2)
+        await cp.start(rec, wait=True, wait_timeout=5)
+        old.end()  # the old run's client leaves after the restart
+        current = cp.session_started(rec)
+        await trio.sleep(100)
+        assert status(rec) == "running"  # the open session keeps the new run alive
+        current.end()
+        await trio.sleep(31)
+        assert status(rec) in ("stopping", "stopped")
