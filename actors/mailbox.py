@@ -5,12 +5,16 @@ a message with a one-shot :class:`Reply` (a ``trio.Event`` plus a slot; no chann
 ask) and waits for it; the handler's return value comes back, or the exception the
 handler raised is raised in the asker. ``tell`` posts without a reply.
 
-Each message type maps to a :class:`Handler`. A handler runs inline in the loop (the
+Each message type maps to a :class:`Handler`. A handler runs inline in its loop (the
 messages it handles are serialised) or, when ``concurrent``, as its own task in the
 actor's nursery (at most ``max_concurrency`` at once; the loop then stops reading, so
 the bounded mailbox pushes back on senders). A concurrent ``cancellable`` handler is
 cancelled when its asker stops waiting (the asker was cancelled): work nobody waits
 for stops.
+
+Message types listed in ``priority`` (control messages: stop, kill, ...) go to a second
+mailbox with its own loop and no concurrency limit, so they are never stuck behind a
+flood of ordinary requests.
 
 No reply is ever left hanging: when the actor ends, queued and in-flight asks fail with
 :class:`ActorDead`, and asks made afterwards fail with it at once.
@@ -97,10 +101,14 @@ class Actor:
 
     mailbox_size: int = 256
     max_concurrency: int = 1024
+    priority: frozenset[type] = frozenset()
+    """Message types served from a second mailbox by a second loop: control messages
+    (stop, kill, ...) are never stuck behind a flood of ordinary work."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._inbox, self._outbox = trio.open_memory_channel[Envelope](self.mailbox_size)
+        self._pinbox, self._poutbox = trio.open_memory_channel[Envelope](self.mailbox_size)
         self._slots = trio.Semaphore(self.max_concurrency)
         self._nursery: trio.Nursery | None = None
         self.finished = trio.Event()
@@ -125,11 +133,12 @@ class Actor:
     async def ask(self, msg: object) -> Any:
         """Send ``msg`` and wait for the handler's answer (or its exception)."""
         reply = Reply()
+        inbox = self._pinbox if type(msg) in self.priority else self._inbox
         try:
-            self._inbox.send_nowait((msg, reply))
+            inbox.send_nowait((msg, reply))
         except trio.WouldBlock:
             try:
-                await self._inbox.send((msg, reply))
+                await inbox.send((msg, reply))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 raise self._dead() from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -155,11 +164,12 @@ class Actor:
 
     async def tell(self, msg: object) -> None:
         """Send ``msg`` without waiting for it to be handled (errors are logged)."""
+        inbox = self._pinbox if type(msg) in self.priority else self._inbox
         try:
-            self._inbox.send_nowait((msg, None))
+            inbox.send_nowait((msg, None))
         except trio.WouldBlock:
             try:
-                await self._inbox.send((msg, None))
+                await inbox.send((msg, None))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 raise self._dead() from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -168,8 +178,9 @@ class Actor:
             await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
-        """Stop taking messages; what is queued is still handled, then the loop ends."""
+        """Stop taking messages; what is queued is still handled, then the loops end."""
         self._inbox.close()
+        self._pinbox.close()
 
     # -- the loop ----------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Actor] = trio.TASK_STATUS_IGNORED) -> None:
@@ -184,29 +195,47 @@ class Actor:
             self.finished.set()
 
     async def serve(self, nursery: trio.Nursery) -> None:
-        """The mailbox loop; concurrent handlers are spawned into ``nursery``."""
+        """The mailbox loops; concurrent handlers are spawned into ``nursery``."""
         self._nursery = nursery
         try:
-            async for msg, reply in self._outbox:
-                if reply is not None and reply.abandoned:
-                    continue
-                try:
-                    handler = self.handler_for(msg)
-                except Exception as exc:
-                    if reply is not None:
-                        reply.fail(exc)
-                    else:
-                        logger.warning("%r refused %s: %s", self, type(msg).__name__, exc)
-                    continue
-                if handler.concurrent:
-                    await self._slots.acquire()
-                    nursery.start_soon(self._handle, handler, msg, reply, True)
-                else:
-                    await self._handle(handler, msg, reply, False)
+            async with trio.open_nursery() as loops:
+                loops.start_soon(self._loop, self._poutbox, nursery, False)
+                await self._loop(self._outbox, nursery, True)
         finally:
             self._shut_mailbox()
 
-    async def _handle(self, handler: Handler, msg: object, reply: Reply | None, slot: bool) -> None:
+    async def _loop(
+        self,
+        outbox: trio.MemoryReceiveChannel[Envelope],
+        nursery: trio.Nursery,
+        limited: bool,
+    ) -> None:
+        async for msg, reply in outbox:
+            if reply is not None and reply.abandoned:
+                continue
+            try:
+                handler = self.handler_for(msg)
+            except Exception as exc:
+                if reply is not None:
+                    reply.fail(exc)
+                else:
+                    logger.warning("%r refused %s: %s", self, type(msg).__name__, exc)
+                continue
+            if not handler.concurrent:
+                await self._handle(handler, msg, reply, False, False)
+                continue
+            if limited:
+                await self._slots.acquire()
+            nursery.start_soon(self._handle, handler, msg, reply, True, limited)
+
+    async def _handle(
+        self,
+        handler: Handler,
+        msg: object,
+        reply: Reply | None,
+        concurrent: bool,
+        slot: bool,
+    ) -> None:
         try:
             if reply is None:
                 try:
@@ -214,7 +243,7 @@ class Actor:
                 except Exception:
                     logger.exception("%r failed handling %s", self, type(msg).__name__)
                 return
-            if not (slot and handler.cancellable):
+            if not (concurrent and handler.cancellable):
                 await self._answer(handler, msg, reply)
                 return
             reply.scope = scope = trio.CancelScope()
@@ -239,12 +268,13 @@ class Actor:
 
     def _shut_mailbox(self) -> None:
         """Refuse new messages and fail the queued ones (no await: atomic)."""
-        self._inbox.close()
-        while True:
-            try:
-                _msg, reply = self._outbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if reply is not None:
-                reply.fail(ActorDead(f"actor {self.name!r} ended before answering"))
-        self._outbox.close()
+        for inbox, outbox in ((self._inbox, self._outbox), (self._pinbox, self._poutbox)):
+            inbox.close()
+            while True:
+                try:
+                    _msg, reply = outbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                if reply is not None:
+                    reply.fail(ActorDead(f"actor {self.name!r} ended before answering"))
+            outbox.close()

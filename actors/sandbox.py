@@ -128,7 +128,14 @@ def _timeout_for_grace(grace: float) -> float:
     return grace + 1.0 if grace >= 1.0 else 2.0 * grace
 
 
+def _check_exec(msg: Exec) -> None:
+    if msg.window < 1:
+        raise InvalidConfig(f"exec window must be at least 1 byte, got {msg.window}")
+
+
 class SandboxActor(Actor):
+    priority = frozenset({Stop, Kill, Drain, Shutdown, Describe, Release})
+
     def __init__(self, spec: SandboxSpec, driver: Driver) -> None:
         super().__init__(spec.name)
         self.spec = spec
@@ -295,6 +302,7 @@ class SandboxActor(Actor):
         raise self._abort_error()
 
     async def _on_exec(self, msg: Exec) -> ExecResult:
+        _check_exec(msg)
         return await self._op(run_exec, msg)
 
     async def _on_fs_read(self, msg: FsRead) -> FsData:
@@ -307,6 +315,7 @@ class SandboxActor(Actor):
         return await self._op(simple_request, msg)
 
     async def _on_exec_stream(self, msg: OpenExecStream) -> ExecSession:
+        _check_exec(msg.exec)
         self._require_channel()
         assert self._nursery is not None
         request = msg.exec

@@ -40,6 +40,7 @@ from .sandbox import (
     CLEANUP_TIMEOUT,
     DEFAULT_KILL_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
+    POLL_INTERVAL,
     Kill,
     Release,
     SandboxActor,
@@ -220,7 +221,12 @@ class Supervisor:
                 if actor.spec.detached:
                     await actor.ask(Release())
                 elif fast:
-                    await actor.ask(Stop(timeout=FAST_STOP_TIMEOUT, sigterm=False))
+                    # A ladder already running holds the lifecycle lock; kill does not
+                    # wait for it, so a short grace then Kill always ends it quickly.
+                    with trio.move_on_after(FAST_STOP_TIMEOUT + POLL_INTERVAL):
+                        await actor.ask(Stop(timeout=FAST_STOP_TIMEOUT, sigterm=False))
+                    if not actor.status.value.terminal:
+                        await actor.ask(Kill())
                 else:
                     await actor.ask(Stop(timeout=DEFAULT_STOP_TIMEOUT))
             except ActorDead:
@@ -270,9 +276,16 @@ def driver_for(backend: object | None) -> Driver:
     raise InvalidConfig(f"unknown backend {backend!r}: expected a LocalBackend or CloudBackend")
 
 
+def _leaves(exc: BaseException) -> builtins.list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
 def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
-    _match, rest = group.split(lambda e: e is exc)
-    return rest is None
+    """Does ``group`` hold exactly ``exc`` (compared leaf by leaf: trio re-creates groups)?"""
+    mine, theirs = _leaves(exc), _leaves(group)
+    return len(mine) == len(theirs) and all(a is b for a, b in zip(mine, theirs, strict=True))
 
 
 @asynccontextmanager

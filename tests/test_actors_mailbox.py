@@ -292,3 +292,39 @@ async def test_ask_round_trip_cost() -> None:
         median = await _median_ask_us(actor, Echo(1), 10_000)
     print(f"\nask round trip (bare actor, inline handler): median {median:.1f} us")
     assert median < 500
+
+
+class Control:
+    pass
+
+
+class LimitedActor(TestActor):
+    max_concurrency = 2
+    priority = frozenset({Control})
+
+    def handler_for(self, msg: object) -> Handler:
+        if isinstance(msg, Control):
+            return Handler(self._control)
+        return super().handler_for(msg)
+
+    async def _control(self, msg: Control) -> str:
+        return "control"
+
+
+async def test_priority_messages_pass_a_full_set_of_slots() -> None:
+    actor = LimitedActor()
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        for _ in range(4):  # two run, two wait for a slot (the main loop blocks)
+            nursery.start_soon(actor.ask, Block(release))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1):
+            assert await actor.ask(Control()) == "control"
+        with trio.move_on_after(0.1) as scope:
+            await actor.ask(Echo(1))  # ordinary work waits behind the blocked ones
+        assert scope.cancelled_caught
+        release.set()
+        with trio.fail_after(1):
+            assert await actor.ask(Echo(2)) == 2
+        actor.close()

@@ -77,6 +77,8 @@ async def test_exec_rejects_a_string_for_args() -> None:
             await sb.exec("echo", "hi")
         with pytest.raises(InvalidConfig, match="timeout"):
             await sb.exec("echo", timeout=0)
+        with pytest.raises(InvalidConfig, match="window"):
+            await sb.ask(Exec(cmd="echo", window=0))
 
 
 async def test_many_concurrent_execs_get_their_own_output() -> None:
@@ -104,6 +106,14 @@ async def test_large_output_flows_under_credit() -> None:
         assert result.stdout[:256] == bytes(range(256))
         (session,) = driver.processes["a"].execs
         assert 0 < session.max_in_flight <= EXEC_WINDOW
+
+
+async def test_a_small_window_still_moves_everything() -> None:
+    async with harness() as (driver, sup):
+        sb = await sup.create("a")
+        result = await sb.ask(Exec(cmd="bytes", args=["1000"], window=10))
+        assert isinstance(result, ExecResult) and len(result.stdout) == 1000
+        assert driver.processes["a"].execs[0].max_in_flight <= 10
 
 
 async def test_a_burst_of_tiny_frames_is_not_an_overrun() -> None:
@@ -391,3 +401,29 @@ async def test_exec_request_struct_via_ask() -> None:
         await sup.create("a")
         result = await sup.ask("a", Exec(cmd="echo", args=["low", "level"]))
         assert result == ExecResult(exit_code=0, stdout=b"low level\n", pid=result.pid)
+
+
+async def test_kill_is_not_stuck_behind_a_flood_of_execs(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    from corral.actors.sandbox import SandboxActor
+
+    monkeypatch.setattr(SandboxActor, "max_concurrency", 2)
+    async with harness() as (_driver, sup):
+        sb = await sup.create("a")
+        errors: list[BaseException] = []
+
+        async def run() -> None:
+            try:
+                await sb.exec("sleep", ["1000"])
+            except SandboxNotRunning as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):  # 2 run, the mailbox loop waits for a slot for the 3rd
+                nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()
+            t0 = trio.current_time()
+            await sb.kill()
+            assert trio.current_time() == t0
+        assert len(errors) == 5

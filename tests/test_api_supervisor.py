@@ -394,3 +394,19 @@ async def test_a_local_backend_gets_a_local_driver_entered_and_closed(
 
 def test_driver_interface_is_what_the_fake_implements() -> None:
     assert issubclass(FakeDriver, Driver)
+
+
+async def test_fast_shutdown_does_not_wait_for_a_ladder_in_progress(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with FakeDriver(ignore_shutdown=True) as driver:
+        with pytest.RaisesGroup(ZeroDivisionError):  # the test's own nursery's group
+            async with open_supervisor(driver=driver) as sup, trio.open_nursery() as nursery:
+                sb = await sup.create("a")
+                nursery.start_soon(sb.stop)  # a normal ladder: SIGTERM would come at 10 s
+                await trio.sleep(1)
+                t0 = trio.current_time()
+                raise ZeroDivisionError
+        assert trio.current_time() - t0 <= FAST_STOP_TIMEOUT + 0.2
+        proc = driver.spawned[0]
+        assert proc.times("SIGTERM") == [] and proc.cleaned_up
