@@ -8,7 +8,8 @@ output credit honoured), and the Fs* requests over an in-memory file tree.
 
 Scripted commands: ``echo ARGS``, ``cat`` (stdin → stdout), ``sleep SECONDS``,
 ``exit CODE``, ``ignore-term`` (ignores SIGTERM until SIGKILL), ``bytes N`` (N bytes of
-stdout in credit-limited chunks), ``lines N`` (N tiny frames), ``tick N SECONDS`` (N
+stdout in credit-limited chunks), ``lines N`` (N tiny frames), ``burst N`` (N tiny frames
+in a single write, within the window), ``tick N SECONDS`` (N
 lines, one every SECONDS), ``stderr TEXT``,
 ``printenv NAME``, ``pwd``, ``agent-die`` (the agent dies mid-exec: the sandbox crashes),
 ``wedge`` (the agent stops answering anything). Anything else fails to start
@@ -278,10 +279,14 @@ class FakeAgent:
         self._scope.cancel()
 
     async def send(self, id: int, msg: Message, flags: int = 0) -> None:
+        await self.send_raw(encode(id, msg, flags))
+
+    async def send_raw(self, data: bytes) -> None:
+        """Already-encoded frames, in one write (so they arrive in one read)."""
         if self.closed:
             raise trio.ClosedResourceError
         async with self._lock:
-            await self.stream.send_all(encode(id, msg, flags))
+            await self.stream.send_all(data)
 
     async def serve(self) -> None:
         decoder = FrameDecoder()

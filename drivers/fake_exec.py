@@ -24,6 +24,7 @@ from ..protocol import (
     ExecStdin,
     ExecStdout,
     Message,
+    encode,
 )
 
 if TYPE_CHECKING:
@@ -179,6 +180,18 @@ async def _lines(ex: FakeExec, args: list[str]) -> int:
     return 0
 
 
+async def _burst(ex: FakeExec, args: list[str]) -> int:
+    lines = [f"{n}\n".encode() for n in range(int(args[0]))]
+    total = sum(map(len, lines))
+    if total > ex.credit:
+        raise ValueError(f"burst of {total} bytes exceeds the credit window")
+    ex.credit -= total
+    ex.sent += total
+    ex.max_in_flight = max(ex.max_in_flight, ex.in_flight)
+    await ex.agent.send_raw(b"".join(encode(ex.id, ExecStdout(data=line)) for line in lines))
+    return 0
+
+
 async def _tick(ex: FakeExec, args: list[str]) -> int:
     count, interval = int(args[0]), float(args[1])
     for n in range(count):
@@ -226,6 +239,7 @@ COMMANDS: dict[str, Callable[[FakeExec, list[str]], Awaitable[int]]] = {
     "ignore-term": _ignore_term,
     "bytes": _bytes,
     "lines": _lines,
+    "burst": _burst,
     "tick": _tick,
     "stderr": _stderr,
     "printenv": _printenv,

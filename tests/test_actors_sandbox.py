@@ -120,6 +120,8 @@ async def test_a_burst_of_tiny_frames_is_not_an_overrun() -> None:
     # Credit counts bytes: far more than 64 one-line frames may be in flight at once.
     async with harness() as (_driver, sup):
         sb = await sup.create("a")
+        result = await sb.exec("burst", ["20000"])  # 20000 frames in one read
+        assert result.stdout.splitlines()[-1] == b"19999"
         result = await sb.exec("lines", ["20000"])
         assert result.stdout.splitlines()[-1] == b"19999"
 
