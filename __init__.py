@@ -7,9 +7,8 @@
         out = await sb.exec("echo", ["hi"])
 
 The public API is re-exported here; the modules behind it are private. Every error
-class of :mod:`corral.errors` is here too. One name collides: ``corral.FsExists`` is
-the *error* (a path already exists); the fs "does it exist?" request is
-``corral.FsExistsRequest`` (``corral.protocol.FsExists``).
+class of :mod:`corral.errors` is here too (``corral.FsAlreadyExists`` is the error for a
+path that already exists; ``corral.FsExists`` is the "does it exist?" request).
 
 The backend names (``set_default_backend``, ``default_backend``, ``backend_scope``,
 ``BackendKind``, ``LocalBackend``, ``CloudBackend``, ...) load lazily from
@@ -42,8 +41,8 @@ from .errors import (
     ExecFailed,
     ExecTimeout,
     FrameTooLarge,
+    FsAlreadyExists,
     FsError,
-    FsExists,
     FsIsADirectory,
     FsNotADirectory,
     FsNotFound,
@@ -68,6 +67,7 @@ from .protocol import (
     FsCopy,
     FsData,
     FsEntry,
+    FsExists,
     FsList,
     FsMkdir,
     FsRead,
@@ -78,7 +78,6 @@ from .protocol import (
     Ping,
     Shutdown,
 )
-from .protocol import FsExists as FsExistsRequest
 from .sandbox import ExecProcess, Sandbox, SandboxFs
 
 __all__ = [
@@ -107,11 +106,11 @@ __all__ = [
     "FsStat",
     "FsEntry",
     "FsList",
+    "FsExists",
     "FsMkdir",
     "FsRemove",
     "FsCopy",
     "FsRename",
-    "FsExistsRequest",
     "Ping",
     "Shutdown",
     "Stop",
@@ -129,7 +128,7 @@ __all__ = [
     "ExecTimeout",
     "FrameTooLarge",
     "FsError",
-    "FsExists",
+    "FsAlreadyExists",
     "FsIsADirectory",
     "FsNotADirectory",
     "FsNotFound",

@@ -24,7 +24,7 @@ microsandbox seed's errors (``SandboxNotFound``, ``SandboxAlreadyExists``,
     │       └── FrameTooLarge
     └── FsError(path, errno)
         ├── FsNotFound
-        ├── FsExists
+        ├── FsAlreadyExists
         ├── FsPermissionDenied
         ├── FsIsADirectory
         ├── FsNotADirectory
@@ -51,7 +51,7 @@ __all__ = [
     "ExecTimeout",
     "FrameTooLarge",
     "FsError",
-    "FsExists",
+    "FsAlreadyExists",
     "FsIsADirectory",
     "FsNotADirectory",
     "FsNotFound",
@@ -183,8 +183,8 @@ class FsNotFound(FsError, FileNotFoundError):
     code = "fs_not_found"
 
 
-class FsExists(FsError, FileExistsError):
-    code = "fs_exists"
+class FsAlreadyExists(FsError, FileExistsError):
+    code = "fs_already_exists"
 
 
 class FsPermissionDenied(FsError, PermissionError):
@@ -227,13 +227,13 @@ def error_from_code(code: str, message: str, errno: int | None = None) -> Corral
 
 _ERRNO_TO_FS: dict[int, type[FsError]] = {
     _errno.ENOENT: FsNotFound,
-    _errno.EEXIST: FsExists,
+    _errno.EEXIST: FsAlreadyExists,
     _errno.EACCES: FsPermissionDenied,
     _errno.EPERM: FsPermissionDenied,
     _errno.EROFS: FsPermissionDenied,
     _errno.EISDIR: FsIsADirectory,
     _errno.ENOTDIR: FsNotADirectory,
-    _errno.ENOTEMPTY: FsExists,
+    _errno.ENOTEMPTY: FsAlreadyExists,
 }
 
 

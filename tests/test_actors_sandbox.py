@@ -22,7 +22,7 @@ from corral.errors import (
     AgentGone,
     ExecFailed,
     ExecTimeout,
-    FsExists,
+    FsAlreadyExists,
     FsIsADirectory,
     FsNotFound,
     InvalidConfig,
@@ -301,9 +301,9 @@ async def test_fs_operations_and_typed_errors() -> None:
         assert isinstance(info.value, FileNotFoundError) and info.value.errno == errno.ENOENT
         with pytest.raises(FsIsADirectory):
             await fs.read("/data")
-        with pytest.raises(FsExists):
+        with pytest.raises(FsAlreadyExists):
             await fs.mkdir("/data")
-        with pytest.raises(FsExists):  # ENOTEMPTY maps to FsExists
+        with pytest.raises(FsAlreadyExists):  # ENOTEMPTY maps to FsAlreadyExists
             await fs.remove("/data/x")
         await fs.remove("/data/x", recursive=True)
         assert not await fs.exists("/data/x/y/f")

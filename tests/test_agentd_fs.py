@@ -141,7 +141,7 @@ async def test_mkdir(client: AgentClient, tmp_path: Path) -> None:
     assert await call(client, FsMkdir(path=str(tmp_path / "a"))) == Ok()
     assert (tmp_path / "a").is_dir()
     assert error(await call(client, FsMkdir(path=str(tmp_path / "a")))) == (
-        "fs_exists",
+        "fs_already_exists",
         errno.EEXIST,
     )
     deep = tmp_path / "x" / "y" / "z"
@@ -181,7 +181,7 @@ async def test_copy_file_and_tree(client: AgentClient, tmp_path: Path) -> None:
     assert (tmp_path / "copy" / "a" / "b" / "f").read_bytes() == b"deep"
     assert os.readlink(tmp_path / "copy" / "link") == "a/b/f"
     again = await call(client, FsCopy(src=str(tree), dst=str(tmp_path / "copy")))
-    assert error(again)[0] == "fs_exists"
+    assert error(again)[0] == "fs_already_exists"
 
 
 async def test_rename_and_exists(client: AgentClient, tmp_path: Path) -> None:

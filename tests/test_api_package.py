@@ -45,9 +45,9 @@ def test_message_structs_users_send() -> None:
         "Shutdown",
     ]:
         assert getattr(corral, name) is getattr(corral.protocol, name)
-    # The one name clash: corral.FsExists is the error, the request has its own name.
-    assert corral.FsExists is corral.errors.FsExists
-    assert corral.FsExistsRequest is corral.protocol.FsExists
+    # corral.FsAlreadyExists is the error; corral.FsExists the request.
+    assert corral.FsAlreadyExists is corral.errors.FsAlreadyExists
+    assert corral.FsExists is corral.protocol.FsExists
 
 
 def test_version_comes_from_package_metadata() -> None:
