@@ -147,6 +147,7 @@ class SandboxActor(Actor):
         self.exit_status: ExitStatus | None = None
         self.started = False
         self._lifecycle = trio.Lock()
+        self._connecting = trio.Lock()
         self._stopping = False
         self._finishing = False
         self._final: SandboxStatus | None = None
@@ -200,14 +201,17 @@ class SandboxActor(Actor):
         try:
             self.status.set(SandboxStatus.STARTING)
             self.proc = await self.driver.spawn(self.spec)
-            stream = await self.proc.connect()
-            self.channel = channel = AgentChannel(stream, label=f"sandbox {self.name!r}")
-            await channel.handshake()
+            channel = None
+            if not self.proc.reconnectable:  # a reconnectable one connects on first use
+                stream = await self.proc.connect()
+                self.channel = channel = AgentChannel(stream, label=f"sandbox {self.name!r}")
+                await channel.handshake()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(channel.run)
+                if channel is not None:
+                    nursery.start_soon(channel.run)
+                    nursery.start_soon(self._watch_channel, channel)
                 nursery.start_soon(self._watch_process, self.proc)
-                nursery.start_soon(self._watch_channel, channel)
                 self.status.set(SandboxStatus.RUNNING)
                 self.started = True
                 if on_ready is not None:
@@ -243,6 +247,8 @@ class SandboxActor(Actor):
 
     async def _watch_channel(self, channel: AgentChannel) -> None:
         await channel.closed.wait()
+        if self.proc is not None and self.proc.reconnectable:
+            return  # not a crash: the next request reconnects; _watch_process sees an end
         if not self._stopping and not self._finishing:
             await self._finish(SandboxStatus.CRASHED, "the agent connection was lost")
 
@@ -268,11 +274,39 @@ class SandboxActor(Actor):
         self.status.set(final)
 
     # -- requests (concurrent) ---------------------------------------------------------------
-    def _require_channel(self) -> AgentChannel:
+    def _require_channel(self) -> AgentChannel | None:
+        """The channel (None: a reconnectable process not connected yet); refused unless
+        running."""
         status = self.status.value
-        if status is not SandboxStatus.RUNNING or self.channel is None or self._finishing:
+        lazy = self.proc is not None and self.proc.reconnectable
+        if status is not SandboxStatus.RUNNING or self._finishing or not (self.channel or lazy):
             raise SandboxNotRunning(f"sandbox {self.name!r} is {status}")
         return self.channel
+
+    async def _agent(self) -> AgentChannel:
+        """The channel for a request; a reconnectable process whose connection is gone
+        (or was never opened) connects again, once for all waiting requests."""
+        channel = self._require_channel()
+        proc = self.proc
+        if channel is not None and (channel.alive or proc is None or not proc.reconnectable):
+            return channel
+        assert proc is not None and self._nursery is not None
+        async with self._connecting:
+            channel = self._require_channel()
+            if channel is not None and channel.alive:
+                return channel
+            fresh = AgentChannel(await proc.connect(), label=f"sandbox {self.name!r}")
+            try:
+                await fresh.handshake()
+                self._require_channel()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await fresh.aclose()
+                raise
+            self.channel = fresh
+            self._nursery.start_soon(fresh.run)
+            self._nursery.start_soon(self._watch_channel, fresh)
+            return fresh
 
     def _translate(self, exc: CorralError) -> CorralError:
         if isinstance(exc, AgentGone) and (self._stopping or self._final is SandboxStatus.STOPPED):
@@ -286,14 +320,14 @@ class SandboxActor(Actor):
 
     async def _op(self, fn: Callable[[AgentChannel, T], Awaitable[R]], msg: T) -> R:
         """Run one request: refused unless running, aborted when the sandbox ends."""
-        channel = self._require_channel()
+        self._require_channel()
         scope = trio.CancelScope()
         self._ops.add(scope)
         self.active.set(self.active.value + 1)
         try:
             with scope:
                 try:
-                    return await fn(channel, msg)
+                    return await fn(await self._agent(), msg)
                 except AgentGone as exc:
                     raise self._translate(exc) from None
         finally:
@@ -437,14 +471,16 @@ class SandboxActor(Actor):
             raise Runtime(f"timed out observing stopped state for sandbox {self.name!r}")
 
     async def _send_shutdown(self, grace: float, bound: float) -> None:
-        channel = self.channel
-        if channel is None or not channel.alive:
-            return
         with trio.move_on_after(bound):
             try:
+                if self.proc is not None and await self.proc.request_stop(grace):
+                    return  # the driver stops it out of band (cloud: POST .../stop)
+                channel = self.channel
+                if channel is None or not channel.alive:
+                    return
                 await channel.request(Shutdown(grace=grace))
-            except CorralError:
-                pass
+            except (OSError, CorralError) as exc:
+                logger.debug("sandbox %r: graceful stop request failed: %s", self.name, exc)
 
     async def _signal(self, fn: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -31,6 +31,7 @@ from ..errors import (
     Runtime,
     SandboxAlreadyExists,
     SandboxNotFound,
+    SandboxNotRunning,
     SandboxStillRunning,
     Unsupported,
 )
@@ -203,6 +204,16 @@ class Supervisor:
         actor.close()
         with trio.move_on_after(CLEANUP_TIMEOUT):
             await actor.finished.wait()
+
+    async def connect_agent(self, name: str) -> trio.abc.Stream:
+        """A new raw byte stream to the agent of a running sandbox, for relays (``corral
+        serve``'s ``/corral`` WebSocket). The caller speaks the protocol (its own
+        handshake) and closes the stream; the sandbox's lifecycle stays with its actor."""
+        actor = self._actor(name)
+        proc = actor.proc
+        if proc is None or actor.status.value != "running":
+            raise SandboxNotRunning(f"sandbox {name!r} is {actor.status.value}")
+        return await proc.connect()
 
     async def ask(self, name: str, msg: object) -> Any:
         """Low level: send a message (Exec, FsRead, ... or a control message), get the reply."""

@@ -74,6 +74,11 @@ class SandboxProcess(ABC):
     """Host pid of the sandbox's top process, when there is one."""
     exit_reason: str | None = None
     """Why the sandbox ended, when the driver knows more than the exit status (OOM...)."""
+    reconnectable: bool = False
+    """A lost agent connection does not end the sandbox (cloud: the websocket to the
+    control plane dropped). The actor then fails the requests in flight, does not mark
+    the sandbox crashed, and connects again for the next request; such a process is
+    connected lazily, on its first request."""
 
     def limit_report(self) -> str | None:
         """Why the kernel killed something in this sandbox (OOM, pids limit), if it did."""
@@ -84,6 +89,13 @@ class SandboxProcess(ABC):
         from ..errors import Unsupported
 
         raise Unsupported(f"metrics on the {type(self).__name__} driver", "")
+
+    async def request_stop(self, grace: float) -> bool:
+        """Ask for a graceful stop out of band (cloud: ``POST …/stop``); True when done.
+
+        The actor's stop ladder calls this first; on False (the default) it sends
+        ``Shutdown(grace)`` over the agent channel instead."""
+        return False
 
     @abstractmethod
     async def connect(self) -> trio.abc.Stream:
