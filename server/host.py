@@ -11,6 +11,8 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import trio
+
 from ..errors import SandboxNotFound, SandboxNotRunning
 from ..protocol import (
     FsCopy,
@@ -135,6 +137,13 @@ class CorralHost:
             await self._sup.remove(sid)
         except SandboxNotFound:
             pass
+
+    async def connect_agent(self, sid: str) -> trio.abc.Stream:
+        """A fresh raw stream to the sandbox's agent (the ``/corral`` relay)."""
+        if sid not in self._sandboxes:
+            raise SandboxNotRunning(f"sandbox {sid} is not running")
+        stream: trio.abc.Stream = await self._sup.connect_agent(sid)
+        return stream
 
     def target(self, sid: str) -> AgentTarget:
         sb = self._sandboxes.get(sid)

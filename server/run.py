@@ -24,6 +24,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from . import msb_agent
 from .app import App
 from .host import CorralHost
+from .relay import relay_for
 from .service import MAX_SANDBOXES_PER_ORG, ControlPlane, SandboxHost
 from .store import Store
 
@@ -109,7 +110,8 @@ async def serve(
             plane = ControlPlane(
                 store, sandboxes, nursery, allow_network=allow_network, max_per_org=max_per_org
             )
-            app: Any = App(plane)  # hypercorn's ASGI types are narrower than the protocol
+            # hypercorn's ASGI types are narrower than the protocol
+            app: Any = App(plane, relay=relay_for(plane, sandboxes))
             run = partial(hypercorn_serve, app, hypercorn_config(host, port))
             binds: list[str] = await nursery.start(run)
             url = binds[0]
