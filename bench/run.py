@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -146,15 +147,19 @@ async def _main(ctx: Context, names: Sequence[str], problems: list[str]) -> bool
     """Run the families; SIGTERM cancels them like Ctrl-C would. True if interrupted."""
     interrupted = False
 
-    async def on_sigterm(scope: trio.CancelScope) -> None:
+    async def on_sigterm(
+        scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         nonlocal interrupted
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            task_status.started()
             async for _ in signals:
                 interrupted = True
                 scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_sigterm, nursery.cancel_scope)
+        if threading.current_thread() is threading.main_thread():  # signals need it
+            await nursery.start(on_sigterm, nursery.cancel_scope)
         await _run(ctx, names, problems)
         nursery.cancel_scope.cancel()
     return interrupted

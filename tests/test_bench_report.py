@@ -4,6 +4,7 @@ the /proc readers, the ask family on the fake driver, and the runner's failure p
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,7 @@ async def test_pool_row(tmp_path: Path) -> None:
     assert row.target is not None and row.target.text == "≤ 1 ms"
 
 
-async def test_a_failing_family_is_reported_and_the_run_goes_on(
+def test_a_failing_family_is_reported_and_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def broken(ctx: Context) -> None:
@@ -187,7 +188,7 @@ async def test_a_failing_family_is_reported_and_the_run_goes_on(
 
     monkeypatch.setattr(bench_run, "FAMILIES", {"broken": broken, "fine": fine})
     out = tmp_path / "RESULTS.md"
-    code = await trio.to_thread.run_sync(bench_run.main, ["--quick", "--out", str(out)])
+    code = bench_run.main(["--quick", "--out", str(out)])  # its own trio.run
     assert code == 1
     printed = capsys.readouterr().out
     assert "broken (failed)" in printed and "failed: RuntimeError: boom" in printed
@@ -195,3 +196,28 @@ async def test_a_failing_family_is_reported_and_the_run_goes_on(
     text = out.read_text()
     assert "problem: broken failed: RuntimeError: boom" in text
     assert "`python -m corral.bench --quick --out " in text
+
+
+def test_sigterm_cancels_the_run_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cleaned: list[str] = []
+
+    async def first(ctx: Context) -> None:
+        ctx.emit(Row("first", "first row", Unit.SECONDS, Stat.of([1e-3])))
+
+    async def stuck(ctx: Context) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            await trio.sleep_forever()
+        finally:
+            cleaned.append("stuck")
+
+    async def never(ctx: Context) -> None:
+        raise AssertionError("the run should have stopped")
+
+    monkeypatch.setattr(bench_run, "FAMILIES", {"first": first, "stuck": stuck, "never": never})
+    out = tmp_path / "RESULTS.md"
+    assert bench_run.main(["--quick", "--out", str(out)]) == 130
+    assert cleaned == ["stuck"] and not out.exists()
+    assert "first row" in capsys.readouterr().out
