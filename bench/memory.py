@@ -24,6 +24,8 @@ GIB = 1024 * MIB
 SETTLE = 0.5
 """Pause after the last create so every agent is idle when measured."""
 TARGET = 4 * MIB
+GUESS = 32 * MIB
+"""Host memory assumed per sandbox before any was measured (the free-memory check)."""
 
 
 @dataclass
@@ -143,23 +145,21 @@ async def run_memory(ctx: Context) -> None:
             )
         )
         return
-    estimate = 0.0
+    estimate = float(GUESS)
     for count in counts:
-        if estimate:
-            need = count * estimate * 1.25 + GIB
-            free = mem_available()
-            if need > free:
-                ctx.emit(
-                    Row(
-                        "memory",
-                        f"memory per live sandbox, PSS ({count} live)",
-                        Unit.BYTES,
-                        target=at_most(TARGET, Unit.BYTES),
-                        skipped=f"skipped: needs ~{need / GIB:.1f} GiB, "
-                        f"{free / GIB:.1f} GiB available",
-                    )
+        need = count * estimate * 1.25 + GIB
+        free = mem_available()
+        if need > free:
+            ctx.emit(
+                Row(
+                    "memory",
+                    f"memory per live sandbox, PSS ({count} live)",
+                    Unit.BYTES,
+                    target=at_most(TARGET, Unit.BYTES),
+                    skipped=f"skipped: needs ~{need / GIB:.1f} GiB, {free / GIB:.1f} GiB available",
                 )
-                continue
+            )
+            continue
         ours = await _sandboxes(ctx, count)
         bare = await _bare(ctx, count)
         _rows(ctx, count, ours, bare)

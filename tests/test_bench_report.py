@@ -221,3 +221,26 @@ def test_sigterm_cancels_the_run_and_writes_nothing(
     assert bench_run.main(["--quick", "--out", str(out)]) == 130
     assert cleaned == ["stuck"] and not out.exists()
     assert "first row" in capsys.readouterr().out
+
+
+async def test_memory_is_skipped_with_a_reason_when_it_would_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import corral.bench.memory as memory
+
+    ctx = Context(quick=True, big=True, root=tmp_path)
+    ctx.__dict__["local_reason"] = None
+    monkeypatch.setattr(memory, "mem_available", lambda: memory.GIB)
+
+    async def no_sandboxes(ctx: Context, count: int) -> memory.Tally:
+        raise AssertionError("must not start sandboxes that do not fit")
+
+    monkeypatch.setattr(memory, "_sandboxes", no_sandboxes)
+    await memory.run_memory(ctx)
+    assert [row.name for row in ctx.rows] == [
+        "memory per live sandbox, PSS (10 live)",
+        "memory per live sandbox, PSS (1000 live)",
+    ]
+    for row in ctx.rows:
+        assert row.skipped is not None and row.skipped.startswith("skipped: needs ~")
+        assert "1.0 GiB available" in row.skipped and row.met is None
