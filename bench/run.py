@@ -96,6 +96,14 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -171,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "corral.bench", *argv])
     _raise_fd_limit()
     started = datetime.now(UTC)
+    load_start = _loadavg()
     root = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     os.chmod(root, 0o755)
     ctx = Context(quick=args.quick, big=args.big, root=root)
@@ -191,9 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     took = time.perf_counter() - clock
     print(table(ctx.rows))
     checks = [
+        f"Load average (1 min) at the start {load_start}, at the end {_loadavg()}: other work "
+        "on the machine shows as noise, and the ratios are what to quote.",
+        "",
         f"Run time: {took:.0f} s. Processes left behind after each benchmark "
         "(descendants of the runner, or naming its temp dir, checked in /proc): "
-        + ("none." if not any("left processes" in p for p in problems) else "SOME, see below.")
+        + ("none." if not any("left processes" in p for p in problems) else "SOME, see below."),
     ]
     checks += [f"- problem: {problem}" for problem in problems]
     text = markdown(ctx.rows, command=command, started=started, extra=checks)
