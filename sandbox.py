@@ -7,8 +7,9 @@ is the actor's watchable value, read directly.
 
 from __future__ import annotations
 
+import os
 import signal as _signal
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -16,11 +17,13 @@ from typing import Any
 import trio
 
 from .actors.execs import ExecResult, ExecSession
+from .actors.fsops import FsReadStream, check_chunk_size, write_chunks
 from .actors.sandbox import Describe, Drain, Kill, OpenExecStream, SandboxActor, SandboxInfo, Stop
 from .actors.state import SandboxStatus
 from .errors import AgentGone, ExecTimeout, InvalidConfig, Runtime
 from .protocol import (
     EXEC_CHUNK,
+    FS_CHUNK,
     Exec,
     ExecExited,
     ExecResize,
@@ -39,6 +42,7 @@ from .protocol import (
     FsRename,
     FsStat,
     FsStatReply,
+    FsSymlink,
     FsWrite,
     FsWritten,
     Message,
@@ -189,19 +193,51 @@ class Sandbox:
 
 
 class SandboxFs:
-    """``sb.fs``: files inside the sandbox (paths are the sandbox's own)."""
+    """``sb.fs``: files inside the sandbox (paths are the sandbox's own).
+
+    Relative paths resolve against the sandbox's workdir. A missing path raises
+    :class:`~corral.errors.FsNotFound`; other failures raise the matching ``FsError``
+    leaf; bad arguments raise ``InvalidConfig`` before anything is sent. Contents move in
+    chunks of at most ``FS_CHUNK`` (1 MiB, a quarter of the frame limit): ``read`` and
+    ``write`` hold the whole file, ``read_stream`` / ``write_stream`` one chunk at a time.
+    """
 
     __slots__ = ("_actor",)
 
     def __init__(self, actor: SandboxActor) -> None:
         self._actor = actor
 
+    async def _ask_read(self, request: FsRead) -> FsData:
+        return await self._actor.ask_as(request, FsData)
+
+    async def _ask_write(self, request: FsWrite) -> FsWritten:
+        return await self._actor.ask_as(request, FsWritten)
+
     async def read(self, path: str) -> bytes:
-        reply = await self._actor.ask_as(FsRead(path=path), FsData)
+        reply = await self._ask_read(FsRead(path=_fs_path(path)))
         return reply.data
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
         return (await self.read(path)).decode(encoding)
+
+    def read_stream(
+        self, path: str, *, chunk_size: int = FS_CHUNK, offset: int = 0, length: int | None = None
+    ) -> FsReadStream:
+        """``async for chunk in sb.fs.read_stream(path)``: the file in ``chunk_size`` pieces.
+
+        One request per chunk, nothing read ahead; errors come on the first iteration.
+        ``offset`` / ``length`` read a part of the file.
+        """
+        _fs_count("offset", offset)
+        if length is not None:
+            _fs_count("length", length)
+        return FsReadStream(
+            self._ask_read,
+            _fs_path(path),
+            chunk_size=check_chunk_size(chunk_size),
+            offset=offset,
+            length=length,
+        )
 
     async def write(
         self,
@@ -212,35 +248,117 @@ class SandboxFs:
         mode: int | None = None,
     ) -> int:
         """Write (replace, or append to) a file of any size; returns the bytes written."""
-        request = FsWrite(path=path, data=_as_bytes(data), append=append, mode=mode)
-        reply = await self._actor.ask_as(request, FsWritten)
+        if not isinstance(data, bytes | bytearray | memoryview | str):
+            raise InvalidConfig(f"data must be bytes or str, got {type(data).__name__}")
+        _fs_mode(mode)
+        request = FsWrite(path=_fs_path(path), data=_as_bytes(data), append=append, mode=mode)
+        reply = await self._ask_write(request)
         return reply.written
 
-    async def stat(self, path: str, *, follow_symlinks: bool = True) -> FsEntry:
-        reply = await self._actor.ask_as(
-            FsStat(path=path, follow_symlinks=follow_symlinks), FsStatReply
+    async def write_stream(
+        self,
+        path: str,
+        chunks: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        chunk_size: int = FS_CHUNK,
+        mode: int | None = None,
+    ) -> int:
+        """Replace ``path`` with what ``chunks`` (an async or plain iterable of bytes)
+        yields, sent ``chunk_size`` at a time; returns the bytes written. Not atomic: a
+        failure part-way leaves a partial file. ``mode`` applies at the end."""
+        _fs_mode(mode)
+        return await write_chunks(
+            self._ask_write,
+            _fs_path(path),
+            chunks,
+            chunk_size=check_chunk_size(chunk_size),
+            mode=mode,
         )
+
+    async def stat(self, path: str, *, follow_symlinks: bool = True) -> FsEntry:
+        request = FsStat(path=_fs_path(path), follow_symlinks=follow_symlinks)
+        reply = await self._actor.ask_as(request, FsStatReply)
         return reply.entry
 
     async def list(self, path: str) -> list[FsEntry]:
-        reply = await self._actor.ask_as(FsList(path=path), FsListReply)
+        """The entries of a directory, sorted by name (symlinks not followed)."""
+        reply = await self._actor.ask_as(FsList(path=_fs_path(path)), FsListReply)
         return reply.entries
 
     async def mkdir(self, path: str, *, parents: bool = False, mode: int | None = None) -> None:
-        await self._actor.ask_as(FsMkdir(path=path, parents=parents, mode=mode), Ok)
+        _fs_mode(mode)
+        await self._actor.ask_as(FsMkdir(path=_fs_path(path), parents=parents, mode=mode), Ok)
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._actor.ask_as(FsRemove(path=path, recursive=recursive), Ok)
+        await self._actor.ask_as(FsRemove(path=_fs_path(path), recursive=recursive), Ok)
 
     async def copy(self, src: str, dst: str) -> None:
-        await self._actor.ask_as(FsCopy(src=src, dst=dst), Ok)
+        """Copy a file or a directory tree inside the sandbox (symlinks copied as links)."""
+        await self._actor.ask_as(FsCopy(src=_fs_path(src, "src"), dst=_fs_path(dst, "dst")), Ok)
 
     async def rename(self, src: str, dst: str) -> None:
-        await self._actor.ask_as(FsRename(src=src, dst=dst), Ok)
+        await self._actor.ask_as(FsRename(src=_fs_path(src, "src"), dst=_fs_path(dst, "dst")), Ok)
+
+    async def symlink(self, target: str, path: str) -> None:
+        """Create a symlink at ``path`` pointing at ``target`` (kept verbatim)."""
+        await self._actor.ask_as(
+            FsSymlink(target=_fs_path(target, "target"), path=_fs_path(path)), Ok
+        )
 
     async def exists(self, path: str) -> bool:
-        reply = await self._actor.ask_as(FsExists(path=path), FsExistsReply)
+        reply = await self._actor.ask_as(FsExists(path=_fs_path(path)), FsExistsReply)
         return reply.exists
+
+    async def copy_from_host(self, host_path: str | os.PathLike[str], path: str) -> None:
+        """Copy a host file or directory tree into the sandbox at ``path``.
+
+        Modes are kept (not owners); symlinks inside a tree are recreated, never
+        followed; devices, FIFOs and sockets refuse the copy (``FsError``). For a tree,
+        ``path`` must not exist or be an empty directory. See :mod:`corral.hostfs`."""
+        from .hostfs import copy_from_host
+
+        await copy_from_host(self, _host_path(host_path), _fs_path(path))
+
+    async def copy_to_host(self, path: str, host_path: str | os.PathLike[str]) -> None:
+        """Copy a sandbox file or directory tree to ``host_path``, never writing outside it.
+
+        Names that are not plain, symlinks that lead out of the copy and host symlinks
+        in the way raise ``FsPathEscape``; a failed copy leaves nothing behind. For a
+        tree, ``host_path`` must not exist or be an empty directory. See
+        :mod:`corral.hostfs` for the exact rules."""
+        from .hostfs import copy_to_host
+
+        await copy_to_host(self, _fs_path(path), _host_path(host_path))
+
+
+def _fs_path(path: object, what: str = "path") -> str:
+    if not isinstance(path, str):
+        raise InvalidConfig(f"{what} must be a string, got {type(path).__name__}")
+    if not path:
+        raise InvalidConfig(f"{what} must not be empty")
+    if "\0" in path:
+        raise InvalidConfig(f"{what} must not contain a NUL byte: {path!r}")
+    return path
+
+
+def _host_path(path: object) -> str:
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise InvalidConfig(f"host_path must be a str or os.PathLike, got {type(path).__name__}")
+    return _fs_path(path, "host_path")
+
+
+def _fs_count(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidConfig(f"{what} must be a whole number >= 0, got {value!r}")
+
+
+def _fs_mode(mode: object) -> None:
+    if mode is None:
+        return
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise InvalidConfig(f"mode must be a permission number like 0o644, got {mode!r}")
 
 
 class ExecProcess:

@@ -37,6 +37,7 @@ from ..protocol.messages import (
     FsRemove,
     FsRename,
     FsStat,
+    FsSymlink,
     FsWrite,
     Hello,
     Ping,
@@ -54,7 +55,18 @@ if TYPE_CHECKING:
 AGENT_VERSION = "corral-agentd 0.1.0"
 
 FOLLOW_UPS = (ExecStdin, ExecSignal, ExecResize, ExecCredit, Cancel)
-FS_REQUESTS = (FsRead, FsWrite, FsStat, FsList, FsMkdir, FsRemove, FsCopy, FsRename, FsExists)
+FS_REQUESTS = (
+    FsRead,
+    FsWrite,
+    FsStat,
+    FsList,
+    FsMkdir,
+    FsRemove,
+    FsCopy,
+    FsRename,
+    FsExists,
+    FsSymlink,
+)
 
 WRITE_HIGH = 4 << 20
 """Transport buffer size at which the connection pauses output and request reading."""

@@ -28,6 +28,7 @@ from ..protocol.messages import (
     FsRename,
     FsStat,
     FsStatReply,
+    FsSymlink,
     FsWrite,
     FsWritten,
     Ok,
@@ -38,7 +39,18 @@ if TYPE_CHECKING:
 
     from ..protocol.messages import Message
 
-FsRequest = FsRead | FsWrite | FsStat | FsList | FsMkdir | FsRemove | FsCopy | FsRename | FsExists
+FsRequest = (
+    FsRead
+    | FsWrite
+    | FsStat
+    | FsList
+    | FsMkdir
+    | FsRemove
+    | FsCopy
+    | FsRename
+    | FsExists
+    | FsSymlink
+)
 
 
 def is_slow(msg: FsRequest) -> bool:
@@ -218,6 +230,14 @@ def _exists(msg: FsExists) -> Message:
     return FsExistsReply(exists=True)
 
 
+def _symlink(msg: FsSymlink) -> Message:
+    try:
+        os.symlink(msg.target, msg.path)
+    except OSError as exc:  # report the link's path, not its target
+        raise OSError(exc.errno, exc.strerror, msg.path) from None
+    return Ok()
+
+
 _HANDLERS: dict[type, Callable[..., Message]] = {
     FsRead: _read,
     FsWrite: _write,
@@ -228,4 +248,5 @@ _HANDLERS: dict[type, Callable[..., Message]] = {
     FsCopy: _copy,
     FsRename: _rename,
     FsExists: _exists,
+    FsSymlink: _symlink,
 }

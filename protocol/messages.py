@@ -234,6 +234,13 @@ class FsExistsReply(Message):
     exists: bool
 
 
+class FsSymlink(Message):
+    """Create a symlink at ``path`` pointing at ``target`` (stored verbatim); Ok."""
+
+    target: str
+    path: str
+
+
 AnyMessage = (
     Hello
     | Ready
@@ -267,4 +274,5 @@ AnyMessage = (
     | FsRename
     | FsExists
     | FsExistsReply
+    | FsSymlink
 )
