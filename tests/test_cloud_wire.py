@@ -3,6 +3,7 @@ cutting, and the stop ladder over REST (httpx MockTransport, autojump clock)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -75,6 +76,20 @@ def test_create_body_maps_the_spec_onto_the_microsandbox_wire() -> None:
     net = create_body(SandboxSpec(name="n", network=True))["network"]
     assert net["enabled"] is True
     assert net["policy"] == {"default_egress": "allow", "default_ingress": "allow"}
+
+
+@pytest.mark.skipif(
+    "max_duration" not in {f.name for f in dataclasses.fields(SandboxSpec)},
+    reason="SandboxSpec has no lifecycle limits in this tree",
+)
+def test_lifecycle_limits_map_to_whole_seconds() -> None:
+    limits: dict[str, Any] = {"ephemeral": True, "max_duration": 1.5, "idle_timeout": 30}
+    body = create_body(SandboxSpec(name="l", **limits))
+    assert body["lifecycle"] == {
+        "ephemeral": True,
+        "max_duration_secs": 2,
+        "idle_timeout_secs": 30,
+    }
 
 
 def test_create_body_refuses_what_the_wire_cannot_carry() -> None:

@@ -3,7 +3,8 @@
 See :mod:`corral.drivers.cloud.driver` for the lifecycle and the stop ladder over cloud.
 """
 
-from .driver import CloudDriver, CloudSandbox
+from .driver import CloudDriver
+from .sandbox import CloudSandbox
 from .websocket import WebSocketStream
 from .wire import SUBPROTOCOL, SandboxWire, cloud_status_to_sandbox_status, create_body
 

@@ -19,8 +19,11 @@ ladder ("stop, poll every 100 ms, re-send after the stop timeout, then kill"):
    ladder ends in SIGKILL), watched for 5 s, then ``Runtime("timed out observing ...")``.
 
 Status: a poller per sandbox (in the driver's nursery) GETs the sandbox every
-``poll_interval`` (1 s) while it runs, every 100 ms once a stop was asked, and at once
-when the agent WebSocket drops. ``stopped`` / ``failed`` / gone (404) end ``wait()``.
+``poll_interval`` (1 s) while it runs, every 100 ms while it starts or once a stop was
+asked (the seed's polling), and at once (then every 100 ms for 2 s) when the agent
+WebSocket drops. ``stopped`` / ``failed`` / gone (404) end ``wait()``. The idle rate is
+not the seed's 100 ms on purpose: thousands of sandboxes at 10 GETs a second each
+would be the control plane's whole load.
 
 A lost WebSocket is not a crash (``reconnectable``): the requests in flight fail with
 AgentGone at once and the actor connects again for the next request.
@@ -59,24 +62,19 @@ from ...errors import (
     SandboxStillRunning,
     Unsupported,
 )
-from ..base import Driver, ExitStatus, SandboxProcess, SandboxSpec
+from ..base import Driver, SandboxSpec
 from .http import CloudHttp
+from .sandbox import ABANDON_TIMEOUT, REAP_TIMEOUT, CloudSandbox
 from .websocket import WebSocketStream, hold_websocket
 from .wire import SUBPROTOCOL, SandboxWire, create_body, error_for_response
 
-__all__ = ["CloudDriver", "CloudSandbox"]
+__all__ = ["CloudDriver"]
 
 log = logging.getLogger("corral.drivers.cloud")
 
-POLL_INTERVAL = 0.1
-"""Status polling while a stop is in progress (the seed's 100 ms)."""
 IDLE_POLL_INTERVAL = 1.0
 """Status polling while nobody is stopping the sandbox (a crash backstop)."""
 SPAWN_TIMEOUT = 90.0
-ABANDON_TIMEOUT = 5.0
-"""Bound on the clean-up of a spawn that failed or was cancelled part-way."""
-REAP_TIMEOUT = 30.0
-"""How long a reaper waits for a stopping sandbox before removing its record."""
 NO_ROUTE = "when the control plane is corral serve"
 AGENT_FEATURE = "exec and fs over cloud (the agent channel)"
 
@@ -220,8 +218,9 @@ class CloudDriver(Driver):
         self.sandboxes[proc.id] = proc
         self._start_soon(proc._poll_loop)
 
-    async def attach(self, sandbox_id: str, spec: SandboxSpec | None = None) -> CloudSandbox:
-        """A handle on an existing sandbox of this org (``GET /v1/sandboxes/{id}``)."""
+    async def attach_remote(self, sandbox_id: str, spec: SandboxSpec | None = None) -> CloudSandbox:
+        """A handle on an existing sandbox of this org (``GET /v1/sandboxes/{id}``); it
+        counts as detached unless ``spec`` says otherwise (cleanup leaves it running)."""
         wire = await self.get(sandbox_id)
         proc = self.sandboxes.get(wire.id)
         if proc is None:
@@ -329,191 +328,3 @@ class CloudDriver(Driver):
         if isinstance(error, CloudHttpError) and error.error_code == "unsupported_subprotocol":
             return ProtocolError(f"{what}: the server does not speak {SUBPROTOCOL}: {error}")
         return error
-
-
-class CloudSandbox(SandboxProcess):
-    """One remote sandbox as the actor sees it."""
-
-    reconnectable = True
-
-    def __init__(self, driver: CloudDriver, spec: SandboxSpec, wire: SandboxWire) -> None:
-        self.driver = driver
-        self.spec = spec
-        self.name = spec.name
-        self.id = wire.id
-        self.wire = wire
-        self._exit: ExitStatus | None = None
-        self._exited = trio.Event()
-        self._kick = trio.Event()
-        self._changed = trio.Event()
-        self._fast = False
-        self._cleaned = False
-        self._observe(wire)
-
-    def __repr__(self) -> str:
-        return f"<CloudSandbox {self.name!r} id={self.id} {self.wire.status}>"
-
-    @property
-    def status(self) -> str:
-        """The last status the control plane reported (its words: stopping, failed…)."""
-        return self.wire.status
-
-    @property
-    def exit_status(self) -> ExitStatus | None:
-        return self._exit
-
-    async def wait(self) -> ExitStatus:
-        await self._exited.wait()
-        assert self._exit is not None
-        return self._exit
-
-    # -- status ---------------------------------------------------------------------------
-    def _observe(self, wire: SandboxWire) -> None:
-        self.wire = wire
-        if wire.status == "stopped":
-            self._end(ExitStatus(0), wire.last_failure_message)
-        elif wire.status == "failed":
-            self._end(ExitStatus(1), wire.last_failure_message or "the sandbox failed")
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def _gone(self) -> None:
-        self._end(ExitStatus(1), "the sandbox was removed from the control plane")
-
-    def _end(self, status: ExitStatus, reason: str | None) -> None:
-        if self._exit is None:
-            self._exit = status
-            self.exit_reason = reason
-            self._exited.set()
-
-    def kick(self) -> None:
-        """Check the status now (the agent websocket dropped, a stop was sent)."""
-        self._kick.set()
-
-    async def refresh(self) -> SandboxWire:
-        try:
-            wire = await self.driver.get(self.id)
-        except SandboxNotFound:
-            self._gone()
-            raise
-        self._observe(wire)
-        return wire
-
-    async def _poll_loop(self) -> None:
-        while self._exit is None:
-            interval = POLL_INTERVAL if self._fast else self.driver.poll_interval
-            with trio.move_on_after(interval):
-                await self._kick.wait()
-            self._kick = trio.Event()
-            try:
-                await self.refresh()
-            except SandboxNotFound:
-                break
-            except CorralError as exc:
-                log.debug("sandbox %r: status poll failed: %s", self.name, exc)
-        self.driver.sandboxes.pop(self.id, None)
-
-    async def wait_running(self, timeout: float) -> None:
-        """After create: until ``running`` (Runtime when it failed or took too long)."""
-        self._fast = True
-        with trio.move_on_after(timeout):
-            while self.wire.status != "running" and self._exit is None:
-                self.kick()
-                await self._changed.wait()
-        self._fast = False
-        if self._exit is not None:
-            raise Runtime(
-                f"sandbox {self.name!r} did not start: {self.exit_reason or self.wire.status}"
-            )
-        if self.wire.status != "running":
-            raise Runtime(f"sandbox {self.name!r} is still {self.wire.status} after {timeout:g}s")
-
-    # -- lifecycle ------------------------------------------------------------------------
-    async def _post_stop(self) -> None:
-        self._fast = True
-        if self._exit is not None:
-            await trio.lowlevel.checkpoint()
-            return
-        try:
-            self._observe(await self.driver.stop_sandbox(self.id))
-        except SandboxNotFound:
-            self._gone()
-        self.kick()
-
-    async def request_stop(self, grace: float) -> bool:
-        """The graceful stop goes through the control plane's lifecycle: ``POST …/stop``."""
-        await self._post_stop()
-        return True
-
-    async def terminate(self) -> None:
-        """The ladder's second rung over cloud: send the stop again."""
-        await self._post_stop()
-
-    async def kill(self) -> None:
-        """No forced stop on the wire: send the stop again (see the module docstring)."""
-        await self._post_stop()
-
-    async def connect(self) -> trio.abc.Stream:
-        if self._exit is not None:
-            raise SandboxNotRunning(f"sandbox {self.name!r} has ended ({self.wire.status})")
-        try:
-            return await self.driver.connect_agent(self.id, on_lost=self.kick)
-        except (SandboxNotRunning, SandboxNotFound):
-            self.kick()
-            raise
-
-    async def metrics(self) -> Any:
-        raise Unsupported("metrics over cloud", "when the control plane serves metrics")
-
-    async def cleanup(self) -> None:
-        """Stop it if it runs; remove the record unless detached. Idempotent, bounded."""
-        if self._cleaned:
-            await trio.lowlevel.checkpoint()
-            return
-        self._cleaned = True
-        with trio.move_on_after(ABANDON_TIMEOUT):
-            try:
-                if self._exit is None:
-                    await self._post_stop()
-                if self._exit is not None:
-                    if not self.spec.detached:
-                        await self._delete()
-                    return
-            except CorralError as exc:
-                log.warning("sandbox %r: clean-up: %s", self.name, exc)
-        if not self.spec.detached:
-            self.driver._reapers += 1
-            self.driver._start_soon(self._reap)
-
-    async def _delete(self) -> None:
-        try:
-            await self.driver.delete_sandbox(self.id)
-        except SandboxNotFound:
-            pass
-
-    async def _reap(self) -> None:
-        """Remove the record once the stop has gone through (bounded)."""
-        try:
-            with trio.move_on_after(REAP_TIMEOUT):
-                while True:
-                    if self._exit is None:
-                        self._fast = True
-                        if self.id not in self.driver.sandboxes:
-                            self.driver._track(self)
-                        await self._exited.wait()
-                    try:
-                        await self._delete()
-                        return
-                    except SandboxStillRunning:
-                        await trio.sleep(POLL_INTERVAL)
-                    except CorralError as exc:
-                        log.warning("sandbox %r: remove: %s", self.name, exc)
-                        return
-            log.warning(
-                "sandbox %r: not stopped after %gs; its record stays", self.name, REAP_TIMEOUT
-            )
-        finally:
-            self.driver._reapers -= 1
-            if self.driver._reapers == 0:
-                self.driver._reaped.set()
-                self.driver._reaped = trio.Event()

@@ -191,7 +191,8 @@ async def hold_websocket(
         error = _one_error(group)
         if started:
             log.debug("agent websocket %s ended: %r", url, group)
-            on_lost()
+            if not stream._closed:
+                on_lost()
         elif error is not None:
             raise error from None
         else:

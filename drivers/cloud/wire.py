@@ -91,11 +91,17 @@ class _ErrorNested(msgspec.Struct):
     error: _ErrorFlat
 
 
+def _whole_seconds(value: float | None) -> int | None:
+    return None if value is None else max(1, math.ceil(value))
+
+
 def create_body(spec: SandboxSpec) -> dict[str, Any]:
     """The microsandbox create body for ``spec`` (the fields the released client sends).
 
     Options the cloud wire has no field for raise :class:`Unsupported` naming them, as
-    the seed does for its cloud-deferred features, instead of being dropped.
+    the seed does for its cloud-deferred features, instead of being dropped. Lifecycle
+    limits map onto ``lifecycle`` (whole seconds, rounded up); note that a control
+    plane's idle timeout counts an open agent WebSocket as activity.
     """
     if spec.pids_limit is not None:
         raise Unsupported("pids_limit over cloud", "when pids limits land on the cloud API")
@@ -134,7 +140,11 @@ def create_body(spec: SandboxSpec) -> dict[str, Any]:
         "network": network,
         "init": None,
         "security_profile": "default",
-        "lifecycle": {"ephemeral": False, "max_duration_secs": None, "idle_timeout_secs": None},
+        "lifecycle": {
+            "ephemeral": bool(getattr(spec, "ephemeral", False)),
+            "max_duration_secs": _whole_seconds(getattr(spec, "max_duration", None)),
+            "idle_timeout_secs": _whole_seconds(getattr(spec, "idle_timeout", None)),
+        },
         "reference": spec.image,
         "resources": {"vcpus": vcpus, "memory_mib": memory},
         "patches": [],
