@@ -134,8 +134,8 @@ class CorralRelay:
                     f"this route speaks the {SUBPROTOCOL!r} WebSocket subprotocol"
                     f" (Sec-WebSocket-Protocol); offered: {', '.join(offered) or 'none'}",
                 )
-            await self.plane.agent_target(rec)  # 409 unless running (waits for starting)
             try:
+                await self.plane.agent_target(rec)  # 409 unless running (waits for starting)
                 agent = await self._connect_agent(rec.id)
             except SandboxNotFound:
                 raise ApiError(

@@ -156,6 +156,29 @@ async def test_lifecycle_exec_and_fs_through_corral_serve(tmp_path: Path) -> Non
     assert not srv.fake.running
 
 
+async def test_concurrent_execs_and_large_output_share_one_socket(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with corral_serve(tmp_path) as srv, corral.open_supervisor(srv.backend()) as sup:
+            relay = srv.relay
+            assert relay is not None
+            sb = await sup.create("job")
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                results[i] = (await sb.exec("echo", [str(i)])).stdout
+
+            async with trio.open_nursery() as nursery:
+                for i in range(50):
+                    nursery.start_soon(one, i)
+                big = await sb.exec("bytes", ["3000000"])  # 3 MB through the exec credit
+            assert results == {i: f"{i}\n".encode() for i in range(50)}
+            assert len(big.stdout) == 3_000_000
+            data = bytes(range(256)) * 8192  # 2 MiB: two fs chunks each way
+            await sb.fs.write("/workspace/blob", data)
+            assert await sb.fs.read("/workspace/blob") == data
+            assert len(relay.live) == 1
+
+
 async def test_exec_stream_stdin_signals_and_resize(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with corral_serve(tmp_path) as srv, corral.open_supervisor(srv.backend()) as sup:
