@@ -18,9 +18,11 @@ from .context import Context
 from .report import Row, Unit, at_least, ratio_at_most
 from .stat import Stat, paired
 
-__all__ = ["create_many", "run_exec", "run_fanout", "run_reference"]
+__all__ = ["CREATE_BATCH", "create_many", "run_exec", "run_fanout", "run_reference"]
 
 T = TypeVar("T")
+CREATE_BATCH = 25
+"""Sandboxes created at once when many are needed."""
 
 
 async def _host_true() -> None:
@@ -55,7 +57,9 @@ async def run_exec(ctx: Context) -> None:
     )
 
 
-async def create_many(sup: corral.Supervisor, count: int, prefix: str, batch: int = 25) -> float:
+async def create_many(
+    sup: corral.Supervisor, count: int, prefix: str, batch: int = CREATE_BATCH
+) -> float:
     """Create ``count`` sandboxes, ``batch`` at a time; seconds it took."""
     start = time.perf_counter_ns()
     for first in range(0, count, batch):
@@ -110,7 +114,7 @@ async def run_fanout(ctx: Context) -> None:
 
     async with corral.open_supervisor(ctx.backend()) as sup:
         took = await create_many(sup, count, "fan")
-        sandboxes = [sup.get(info.name) for info in sup.list()]
+        sandboxes = [await sup.get(info.name) for info in await sup.list()]
         lanes = list(range(count))
         await _fan_out(sandboxes, 1, sandbox_true)  # warm-up
         await _fan_out(lanes, 1, host_true)
@@ -127,7 +131,7 @@ async def run_fanout(ctx: Context) -> None:
             Stat.of(host),
             target,
             note=f"{rounds} rounds of {count} x {per} execs of `true`; creating the {count} "
-            f"sandboxes ({25} at a time) took {took:.2f} s",
+            f"sandboxes ({CREATE_BATCH} at a time) took {took:.2f} s",
         )
     )
 

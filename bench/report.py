@@ -103,8 +103,10 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        if self.value is None or self.baseline is None or self.baseline.p50 == 0:
+        if self.value is None or self.baseline is None:
             return None
+        if self.baseline.p50 <= 0 or self.value.p50 < 0:
+            return None  # e.g. a memory drop lost in noise: no meaningful ratio
         return self.value.p50 / self.baseline.p50
 
     @property

@@ -79,6 +79,8 @@ def test_row_ratio_and_targets() -> None:
     assert row.ratio == pytest.approx(3.0) and row.met is True
     row.value = Stat.of([0.1])
     assert [row.met, row.cells()[-1], row.cells()[5]] == [False, "MISSED", "3.33x"]
+    noise = Row("x", "drop", Unit.BYTES, Stat.of([5.0 * MIB]), "bare", Stat.of([-0.1 * MIB]))
+    assert noise.ratio is None and noise.cells()[5] == ""
     fast = Row("x", "ask", Unit.SECONDS, Stat.of([15e-6]), target=at_most(20e-6, Unit.SECONDS))
     assert fast.met is True and fast.ratio is None
     rate = Row(
