@@ -128,7 +128,8 @@ async def test_write_stream_sends_chunk_sized_writes_and_mode_last() -> None:
             assert [w.mode for w in writes] == [0o644, None, 0o444]
 
             writes.clear()
-            assert await sb.fs.write_stream("/workspace/w", iter([b"ab", bytearray(b"cd")])) == 4
+            mixed: list[Any] = [b"ab", bytearray(b"cd")]
+            assert await sb.fs.write_stream("/workspace/w", iter(mixed)) == 4
             assert await sb.fs.read("/workspace/w") == b"abcd"
             assert [(len(w.data), w.truncate, w.mode) for w in writes] == [(4, True, None)]
 
@@ -152,7 +153,7 @@ async def test_write_stream_of_bad_chunks_is_refused() -> None:
     with trio.fail_after(10):
         async with fake_sandbox() as (sb, writes):
             with pytest.raises(corral.InvalidConfig, match="use write"):
-                await sb.fs.write_stream("/workspace/w", b"bytes")
+                await sb.fs.write_stream("/workspace/w", b"bytes")  # type: ignore[arg-type]
             with pytest.raises(corral.InvalidConfig, match="must be bytes"):
                 await sb.fs.write_stream("/workspace/w", ["text"])  # type: ignore[list-item]
             with pytest.raises(corral.InvalidConfig, match="iterable"):
