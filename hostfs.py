@@ -27,11 +27,7 @@ a rename when it exists; refused when it is a directory or a symlink); for a dir
 a new directory, or an existing empty one (not a symlink). On any error the copy is
 removed again (only what this copy created): a failed copy leaves nothing behind.
 
-``sb.fs.copy_from_host(host_path, path)`` copies a host file or tree into the sandbox.
-``host_path`` itself may be a symlink (the caller named it); inside a tree, symlinks are
-recreated as symlinks (never followed), and device files, FIFOs and sockets refuse the
-copy with :class:`~corral.errors.FsError` before anything is written. Modes are kept
-(not owners). The sandbox path must not exist, or be an empty directory for a tree.
+The other way, ``sb.fs.copy_from_host``, is :mod:`corral.hostfs_in`.
 """
 
 from __future__ import annotations
@@ -56,17 +52,17 @@ from .errors import (
     FsPathEscape,
     fs_error_from_oserror,
 )
-from .protocol import FS_CHUNK, FsEntry
+from .protocol import FsEntry
 
 __all__ = [
     "MAX_DEPTH",
     "SandboxFiles",
-    "HostItem",
+    "BUSY_DIR_MODE",
     "check_name",
-    "copy_from_host",
     "copy_to_host",
+    "host_error",
     "link_stays_inside",
-    "scan_host_tree",
+    "split_host_path",
 ]
 
 MAX_DEPTH = 256
@@ -142,7 +138,7 @@ def link_stays_inside(target: str, depth: int) -> bool:
     return ups <= depth
 
 
-def _host_error(exc: OSError, path: str) -> FsError:
+def host_error(exc: OSError, path: str) -> FsError:
     if exc.errno == errno.ELOOP:
         return FsPathEscape(f"{path} is a symlink on the host: not written through", path=path)
     return fs_error_from_oserror(exc, path)
@@ -154,7 +150,9 @@ def _open_dir(name: str, dir_fd: int, host: str) -> int:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except NotADirectoryError:  # O_DIRECTORY | O_NOFOLLOW on a symlink: ENOTDIR
         if _stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-            raise FsPathEscape(f"{host} is a symlink on the host: not written through", path=host)
+            raise FsPathEscape(
+                f"{host} is a symlink on the host: not written through", path=host
+            ) from None
         raise
 
 
@@ -169,7 +167,7 @@ def _close(fd: int | None) -> None:
         os.close(fd)
 
 
-def _split(host_path: str | os.PathLike[str]) -> tuple[str, str, str]:
+def split_host_path(host_path: str | os.PathLike[str]) -> tuple[str, str, str]:
     """(absolute path, its parent, its last component) of a host path."""
     full = os.path.abspath(os.fspath(host_path))
     return full, os.path.dirname(full), os.path.basename(full)
@@ -180,7 +178,7 @@ def _open_parent(parent: str) -> int:
     try:
         return os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise _host_error(exc, parent) from None
+        raise host_error(exc, parent) from None
 
 
 # -- sandbox → host ------------------------------------------------------------------------
@@ -215,7 +213,7 @@ async def _new_file(fs: SandboxFiles, path: str, entry: FsEntry, name: str, dir_
 async def _file_to_host(
     fs: SandboxFiles, path: str, entry: FsEntry, host_path: str | os.PathLike[str]
 ) -> None:
-    full, parent, name = _split(host_path)
+    full, parent, name = split_host_path(host_path)
     if not name:
         raise FsIsADirectory(f"{full} is a directory", path=full)
     dir_fd = _open_parent(parent)
@@ -239,7 +237,7 @@ async def _file_to_host(
     except OSError as exc:
         if isinstance(exc, CorralError):
             raise
-        raise _host_error(exc, full) from None
+        raise host_error(exc, full) from None
     finally:
         if made_tmp:
             try:
@@ -301,7 +299,7 @@ class _TreeCopy:
             os.mkdir(item.name, BUSY_DIR_MODE, dir_fd=item.parent_fd)
             fd = _open_dir(item.name, item.parent_fd, item.host)
         except OSError as exc:
-            raise _host_error(exc, item.host) from None
+            raise host_error(exc, item.host) from None
         self.open_fds.append(fd)
         self.stack.append(_Leave(fd=fd, mode=item.mode))
         await self.fill(item.path, item.host, fd, item.depth)
@@ -329,7 +327,7 @@ class _TreeCopy:
             except OSError as exc:
                 if isinstance(exc, CorralError):
                     raise
-                raise _host_error(exc, child_host) from None
+                raise host_error(exc, child_host) from None
 
     def link(self, child: str, target: str | None, name: str, dir_fd: int, depth: int) -> None:
         if target is None or not link_stays_inside(target, depth):
@@ -344,7 +342,7 @@ class _TreeCopy:
 async def _tree_to_host(
     fs: SandboxFiles, path: str, entry: FsEntry, host_path: str | os.PathLike[str]
 ) -> None:
-    full, parent, name = _split(host_path)
+    full, parent, name = split_host_path(host_path)
     if not name:
         raise FsAlreadyExists(f"{full} exists and is not empty", path=full)
     parent_fd = _open_parent(parent)
@@ -365,7 +363,7 @@ async def _tree_to_host(
         if created_root or filling:
             _undo(parent_fd, name, root_fd, created_root)
         if isinstance(exc, OSError) and not isinstance(exc, CorralError):
-            raise _host_error(exc, full) from None
+            raise host_error(exc, full) from None
         raise
     finally:
         _close(root_fd)
@@ -386,181 +384,3 @@ def _undo(parent_fd: int, name: str, root_fd: int | None, created_root: bool) ->
                     os.unlink(child, dir_fd=root_fd)
     except OSError:
         pass
-
-
-# -- host → sandbox ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HostItem:
-    """One entry of a host tree to copy: its path relative to the root, in walk order."""
-
-    rel: str
-    kind: str
-    """``dir``, ``file`` or ``symlink``."""
-    mode: int
-    target: str | None = None
-
-
-def _kind_name(mode: int) -> str:
-    for test, name in (
-        (_stat.S_ISFIFO, "a FIFO"),
-        (_stat.S_ISCHR, "a character device"),
-        (_stat.S_ISBLK, "a block device"),
-        (_stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "a special file"
-
-
-def _plain_text(name: str, where: str) -> str:
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        raise FsError(f"{where}: host file name {name!r} is not UTF-8", path=where) from None
-    return name
-
-
-def scan_host_tree(root: str) -> list[HostItem]:
-    """Every entry under ``root`` (pre-order, names sorted), refusing special files.
-
-    Symlinks are listed, never followed. Blocking: run it in a thread.
-    """
-    items: list[HostItem] = []
-    todo: list[tuple[str, int]] = [("", 0)]
-    while todo:
-        rel, depth = todo.pop()
-        if depth > MAX_DEPTH:
-            raise FsError(f"{root}: deeper than {MAX_DEPTH} directories", path=root)
-        base = os.path.join(root, rel) if rel else root
-        subdirs: list[str] = []
-        for name in sorted(os.listdir(base)):
-            child_rel = f"{rel}/{name}" if rel else name
-            host = os.path.join(root, child_rel)
-            _plain_text(name, host)
-            st = os.lstat(host)
-            mode = _stat.S_IMODE(st.st_mode)
-            if _stat.S_ISDIR(st.st_mode):
-                items.append(HostItem(child_rel, "dir", mode))
-                subdirs.append(child_rel)
-            elif _stat.S_ISREG(st.st_mode):
-                items.append(HostItem(child_rel, "file", mode))
-            elif _stat.S_ISLNK(st.st_mode):
-                target = _plain_text(os.readlink(host), host)
-                items.append(HostItem(child_rel, "symlink", mode, target))
-            else:
-                raise FsError(
-                    f"{host} is {_kind_name(st.st_mode)}: only regular files, directories "
-                    "and symlinks are copied",
-                    path=host,
-                )
-        todo.extend((sub, depth + 1) for sub in reversed(subdirs))
-    return items
-
-
-def _open_host_file(host: str, *, nofollow: bool) -> tuple[int, int]:
-    """Open a regular host file for reading (no FIFO can block us): (fd, mode)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
-    fd = os.open(host, flags)
-    st = os.fstat(fd)
-    if not _stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        if _stat.S_ISDIR(st.st_mode):
-            raise FsIsADirectory(f"{host} is a directory", path=host)
-        raise FsError(
-            f"{host} is {_kind_name(st.st_mode)}: only regular files, directories and "
-            "symlinks are copied",
-            path=host,
-        )
-    return fd, _stat.S_IMODE(st.st_mode)
-
-
-class _HostChunks:
-    """A host file's bytes, ``FS_CHUNK`` at a time, read in a thread."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __aiter__(self) -> _HostChunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        data = await trio.to_thread.run_sync(os.read, self.fd, FS_CHUNK)
-        if not data:
-            raise StopAsyncIteration
-        return data
-
-
-async def _file_from_host(fs: SandboxFiles, host: str, path: str, *, nofollow: bool) -> None:
-    """``nofollow`` inside a tree: a file scanned as regular may not turn into a symlink."""
-    try:
-        fd, mode = _open_host_file(host, nofollow=nofollow)
-    except OSError as exc:
-        if isinstance(exc, CorralError):
-            raise
-        raise _host_error(exc, host) from None
-    try:
-        await fs.write_stream(path, _HostChunks(fd), mode=mode)
-    finally:
-        os.close(fd)
-
-
-async def copy_from_host(fs: SandboxFiles, host_path: str | os.PathLike[str], path: str) -> None:
-    """Copy a host file or directory tree into the sandbox at ``path``."""
-    host = _split(host_path)[0]
-    try:
-        st = os.stat(host)
-    except OSError as exc:
-        raise _host_error(exc, host) from None
-    if _stat.S_ISDIR(st.st_mode):
-        await _tree_from_host(fs, host, path, _stat.S_IMODE(st.st_mode))
-    else:
-        await _file_from_host(fs, host, path, nofollow=False)
-
-
-async def _tree_from_host(fs: SandboxFiles, host: str, path: str, root_mode: int) -> None:
-    try:
-        items = await trio.to_thread.run_sync(scan_host_tree, host)
-    except OSError as exc:
-        if isinstance(exc, CorralError):
-            raise
-        raise _host_error(exc, host) from None
-    created = False
-    try:
-        await fs.mkdir(path)
-        created = True
-    except FsAlreadyExists:
-        if (await fs.stat(path)).kind != "dir" or await fs.list(path):
-            raise FsAlreadyExists(
-                f"{path} exists in the sandbox and is not an empty directory", path=path
-            ) from None
-    try:
-        await fs.mkdir(path, parents=True, mode=BUSY_DIR_MODE)
-        for item in items:
-            dst = posixpath.join(path, item.rel)
-            src = os.path.join(host, item.rel)
-            if item.kind == "dir":
-                await fs.mkdir(dst, mode=BUSY_DIR_MODE)
-            elif item.kind == "symlink":
-                assert item.target is not None
-                await fs.symlink(item.target, dst)
-            else:
-                await _file_from_host(fs, src, dst, nofollow=True)
-        # Directory modes last, deepest first (a 0o555 directory is filled by then).
-        for item in reversed(items):
-            if item.kind == "dir":
-                await fs.mkdir(posixpath.join(path, item.rel), parents=True, mode=item.mode)
-        await fs.mkdir(path, parents=True, mode=root_mode)
-    except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            try:
-                if created:
-                    await fs.remove(path, recursive=True)
-                else:
-                    for entry in await fs.list(path):
-                        name = check_name(entry.name, path)
-                        await fs.remove(posixpath.join(path, name), recursive=True)
-            except CorralError:
-                pass
-        raise

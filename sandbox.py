@@ -314,8 +314,8 @@ class SandboxFs:
 
         Modes are kept (not owners); symlinks inside a tree are recreated, never
         followed; devices, FIFOs and sockets refuse the copy (``FsError``). For a tree,
-        ``path`` must not exist or be an empty directory. See :mod:`corral.hostfs`."""
-        from .hostfs import copy_from_host
+        ``path`` must not exist or be an empty directory. See :mod:`corral.hostfs_in`."""
+        from .hostfs_in import copy_from_host
 
         await copy_from_host(self, _host_path(host_path), _fs_path(path))
 
