@@ -18,6 +18,11 @@ microsandbox seed's errors (``SandboxNotFound``, ``SandboxAlreadyExists``,
     ├── ExecError
     │   ├── ExecTimeout             killed after its timeout (partial output attached)
     │   └── ExecFailed(kind, errno) the command could not be started
+    ├── ImageError                  an OCI image could not be pulled, verified or unpacked
+    │   ├── ImageNotFound           no such repository, tag, digest or platform; not pulled
+    │   ├── RegistryError           the registry failed, refused or could not be reached
+    │   ├── DigestMismatch          content does not match its digest or declared size
+    │   └── UnsafeLayer             a layer tries to leave its root (.., absolute, links)
     ├── AgentError                  the in-sandbox agent failed or went away
     │   ├── AgentGone               channel closed: in-flight requests fail at once
     │   └── ProtocolError           garbage, truncated or version-mismatched frames
@@ -57,6 +62,11 @@ __all__ = [
     "FsNotFound",
     "FsPathEscape",
     "FsPermissionDenied",
+    "ImageError",
+    "ImageNotFound",
+    "DigestMismatch",
+    "RegistryError",
+    "UnsafeLayer",
     "InvalidConfig",
     "ProtocolError",
     "Runtime",
@@ -152,6 +162,26 @@ class ExecFailed(ExecError):
         super().__init__(message)
         self.kind = kind
         self.errno = errno
+
+
+class ImageError(CorralError):
+    code = "image_error"
+
+
+class ImageNotFound(ImageError):
+    code = "image_not_found"
+
+
+class RegistryError(ImageError):
+    code = "registry_error"
+
+
+class DigestMismatch(ImageError):
+    code = "digest_mismatch"
+
+
+class UnsafeLayer(ImageError):
+    code = "unsafe_layer"
 
 
 class AgentError(CorralError):

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "corral.cli.run",
     "corral.cli.sandboxes",
     "corral.cli.profile",
+    "corral.cli.images",
     "corral.server.cli",
 )
 

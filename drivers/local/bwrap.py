@@ -34,6 +34,18 @@ namespace and binds each of them under ``STAGE_DIR`` (a tmpfs there), then bwrap
 from ``STAGE_DIR/N``. Only those sources become reachable, and file permissions are
 still checked against the sandbox uid. Keep the parents of bind sources root-owned (a
 sandbox owning the parent of its workdir could swap it for a symlink before a restart).
+
+**OCI images** (``image_root``, an :class:`ImageRoot` prepared by the driver): the
+image's root filesystem at ``/`` instead of the host view, then the same ``/proc``,
+``/dev``, ``/tmp``, ``/run``, socket dir, workdir and agent runtime binds (the host's
+Python under ``/.corral/host``, see ``runtime.image_agent_runtime``). bwrap 0.8 has no
+``--overlay``, so the per-sandbox writable layer is an overlayfs mounted by the staging
+step above (as root, in the sandbox's own mount namespace, never visible on the host):
+``lowerdir`` = the cached image rootfs, ``upperdir``/``workdir`` = per-sandbox
+directories; bwrap binds it at ``/``. Without root (or when asked), the layer is a
+per-sandbox copy of the rootfs bound at ``/``. Either way bwrap creates its mount
+points in that layer, never in the cache, and ``--remount-ro /`` ends the setup unless
+``ImageRoot.writable``.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ __all__ = [
     "SOCKET_DIR",
     "STAGE_DIR",
     "BwrapPlan",
+    "ImageRoot",
     "can_reach",
     "find_tool",
     "plan_sandbox",
@@ -107,6 +120,34 @@ ETC_FILES = (
 _NEVER = frozenset({"shadow", "gshadow", "shadow-", "gshadow-", "sudoers", "sudoers.d", "ssh"})
 _SEARCH_PATH = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
 _COPY_LIMIT = 1 << 20
+_OVERLAY_BAD = frozenset(",:\\ \t\n")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRoot:
+    """An image's root filesystem for one sandbox.
+
+    With ``upper`` and ``work`` (root only): an overlay of ``path`` (read-only, never
+    written) under the per-sandbox ``upper``; else ``path`` is the sandbox's own copy,
+    bound at ``/``. ``writable=False`` remounts ``/`` read-only once bwrap made its
+    mount points.
+    """
+
+    path: str
+    upper: str | None = None
+    work: str | None = None
+    writable: bool = True
+
+    @property
+    def overlay(self) -> bool:
+        return self.upper is not None
+
+    def overlay_options(self) -> str:
+        dirs = {"lowerdir": self.path, "upperdir": self.upper, "workdir": self.work}
+        for key, value in dirs.items():
+            if value is None or not os.path.isabs(value) or _OVERLAY_BAD & set(value):
+                raise InvalidConfig(f"overlay {key} {value!r}: need an absolute plain path")
+        return ",".join(f"{key}={value}" for key, value in dirs.items())
 
 
 def find_tool(name: str) -> str | None:
@@ -292,7 +333,11 @@ def _fstab_escape(path: str) -> str:
 
 
 def _stage(
-    binds: list[tuple[str, str, bool]], uid: int, gid: int, builder: _Builder
+    binds: list[tuple[str, str, bool]],
+    uid: int,
+    gid: int,
+    builder: _Builder,
+    overlay: ImageRoot | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Rewrite unreachable bind sources to staged paths.
 
@@ -313,6 +358,9 @@ def _stage(
     if unshare is None or sh is None or mount is None:
         raise Runtime("unshare, sh and mount (util-linux) are needed to start sandboxes as root")
     lines = [f"corral-stage {STAGE_DIR} tmpfs mode=0755,size=64k,nosuid,nodev 0 0"]
+    if overlay is not None:  # the image's writable layer, bound at / by bwrap
+        options = _fstab_escape(overlay.overlay_options())
+        lines.append(f"corral-image {STAGE_DIR}/root overlay {options},X-mount.mkdir 0 0")
     spots: dict[tuple[str, bool], str] = {}
     staged: list[tuple[str, str]] = []
     for index, (src, dest, writable) in enumerate(binds):
@@ -347,6 +395,8 @@ def plan_sandbox(
     env: Mapping[str, str] | None = None,
     network: bool = False,
     image: str = "host",
+    image_root: ImageRoot | None = None,
+    chdir: str | None = None,
     runtime: RuntimeView | None = None,
     extra_ro_binds: Mapping[str, str] | None = None,
     extra_binds: Mapping[str, str] | None = None,
@@ -358,9 +408,12 @@ def plan_sandbox(
     ``socket_dir`` and ``workdir_host`` are host directories the sandbox uid can write
     (the caller creates and chowns them); ``extra_*binds`` map host path -> sandbox path;
     ``extra_fds`` are caller-owned fds to pass through to the sandbox command.
+    ``image_root`` is required for any ``image`` but ``"host"`` (the driver pulls it);
+    ``chdir`` (default ``workdir``) is where the command starts, created if missing in
+    an image root.
     """
-    if image != "host":
-        raise Unsupported(f"image {image!r} in the bwrap planner", "for image='host'")
+    if image != "host" and image_root is None:
+        raise Unsupported(f"image {image!r} without its root in the bwrap planner", "")
     if not command:
         raise InvalidConfig("empty sandbox command")
     if not name or len(name) > 64 or "\0" in name:
@@ -387,7 +440,16 @@ def plan_sandbox(
     root = os.geteuid() == 0
     if root and uid == 0:
         raise InvalidConfig("refusing to run a sandbox as host root (uid 0)")
-    stage = root and any(not can_reach(src, uid, gid) for src, _, _ in binds)
+    overlay = image_root if image_root is not None and image_root.overlay else None
+    if overlay is not None:
+        overlay.overlay_options()
+        if not root:
+            raise InvalidConfig("an overlay image layer needs root; use a copy of the rootfs")
+    elif image_root is not None:  # the sandbox's own copy, bound first (staged if need be)
+        binds.insert(0, (_host_dir(image_root.path, "image root"), "/", True))
+    stage = root and (
+        overlay is not None or any(not can_reach(src, uid, gid) for src, _, _ in binds)
+    )
 
     environ = {"PATH": DEFAULT_PATH, "HOME": workdir, "LANG": DEFAULT_LANG, **(env or {})}
     builder = _Builder()
@@ -401,7 +463,7 @@ def plan_sandbox(
         staged: list[tuple[str, str]] = []
         child_fds = [seccomp_fd, info_write, *file_fds]
         if stage:
-            outer, staged = _stage(binds, uid, gid, builder)
+            outer, staged = _stage(binds, uid, gid, builder, overlay)
         if root:
             setpriv = find_tool("setpriv")
             if setpriv is None:
@@ -415,19 +477,30 @@ def plan_sandbox(
             args.append("--share-net")
         args += ["--hostname", name, "--uid", str(uid), "--gid", str(gid)]
         args += ["--seccomp", str(seccomp_fd), "--info-fd", str(info_write)]
-        child_fds += _host_image(args, builder)
+        if image_root is None:
+            child_fds += _host_image(args, builder)
+        elif overlay is not None:
+            args += ["--bind", f"{STAGE_DIR}/root", "/"]
+        else:
+            args += ["--bind", binds.pop(0)[0], "/"]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
-        args += ["--dir", "/var", "--symlink", "../tmp", "/var/tmp"]
+        if image_root is None:
+            args += ["--dir", "/var", "--symlink", "../tmp", "/var/tmp"]
         for src, dest, writable in binds:
             args += ["--bind" if writable else "--ro-bind", src, dest]
         for fd, dest in zip(file_fds, empty_files, strict=True):
             args += ["--perms", "0444", "--file", str(fd), _check_dest(dest)]
-        args += ["--remount-ro", "/", "--clearenv"]
+        start = workdir if chdir is None else _check_dest(chdir)
+        if image_root is not None and start != workdir:
+            args += ["--dir", start]
+        if image_root is None or not image_root.writable:
+            args += ["--remount-ro", "/"]
+        args += ["--clearenv"]
         for key, value in environ.items():
             if not key or "=" in key or "\0" in key + value:
                 raise InvalidConfig(f"bad environment variable {key!r}")
             args += ["--setenv", key, value]
-        args += ["--chdir", workdir, "--", *command]
+        args += ["--chdir", start, "--", *command]
 
         plan = BwrapPlan(
             argv=outer + args,

@@ -6,10 +6,20 @@ agent's own stdout/stderr). The agent signals readiness on a pipe, so spawn neve
 polls for the socket. Killing is by the sandbox's pid-namespace init: when it dies,
 the kernel kills every process of the sandbox; ``--die-with-parent`` does the same if
 the orchestrator dies.
+
+Images other than ``host`` are OCI references, pulled once into ``<home>/images``
+(:class:`~.images.ImageStore`, single-flight) and shown at ``/`` under a writable layer
+of the sandbox's own, ``layer/`` in its directory: an overlay (``image_layer="overlay"``,
+needs root) or a copy of the rootfs (``"copy"``); ``"auto"`` (the default, or
+``$CORRAL_IMAGE_LAYER``) picks the overlay as root. The image config's ``Env`` is the
+base of the sandbox environment and its ``WorkingDir`` the start directory when the
+caller kept the default workdir. ``image`` in the sandbox dir names the manifest digest
+in use, so ``corral image rm`` keeps that rootfs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -21,18 +31,22 @@ import trio
 
 from ...backend import LocalBackend
 from ...errors import Runtime
-from ..base import Driver, ExitStatus, SandboxProcess, SandboxSpec
+from ..base import DEFAULT_WORKDIR, Driver, ExitStatus, SandboxProcess, SandboxSpec
 from . import cgroup as cgroups
 from . import launch
-from .bwrap import SOCKET_DIR, BwrapPlan, plan_sandbox
+from .bwrap import SOCKET_DIR, BwrapPlan, ImageRoot, find_tool, plan_sandbox
+from .images import HOST_IMAGE, Image, ImageStore
+from .images.rootfs import force_rmtree
 from .metrics import MetricsSampler, SandboxMetrics
-from .runtime import agent_runtime
+from .runtime import RuntimeView, agent_runtime, image_agent_runtime
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 15.0
 AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
 READY_FD_ENV = "CORRAL_READY_FD"
+IMAGE_LAYER_ENV = "CORRAL_IMAGE_LAYER"
+IMAGE_LAYERS = ("auto", "overlay", "copy")
 
 
 class LocalSandbox(SandboxProcess):
@@ -155,8 +169,23 @@ class LocalDriver(Driver):
 
     kind = "local"
 
-    def __init__(self, backend: LocalBackend | None = None) -> None:
+    def __init__(
+        self,
+        backend: LocalBackend | None = None,
+        *,
+        image_layer: str | None = None,
+        image_writable: bool = True,
+        images: ImageStore | None = None,
+    ) -> None:
         self.backend = backend or LocalBackend()
+        layer = image_layer or os.environ.get(IMAGE_LAYER_ENV) or "auto"
+        if layer not in IMAGE_LAYERS:
+            raise Runtime(f"image layer {layer!r}: want one of {', '.join(IMAGE_LAYERS)}")
+        if layer == "auto":
+            layer = "overlay" if os.geteuid() == 0 else "copy"
+        self.image_layer = layer
+        self.image_writable = image_writable
+        self._images = images
         reason = launch.bwrap_available()
         if reason is not None:
             raise Runtime(f"the local driver cannot start sandboxes here: {reason}")
@@ -171,6 +200,39 @@ class LocalDriver(Driver):
         path: Path = self.backend.sandboxes_dir / name
         return path
 
+    @property
+    def images(self) -> ImageStore:
+        """The image store under the backend's ``images_dir`` (made on first use)."""
+        if self._images is None:
+            self._images = ImageStore(self.backend.images_dir, owner=(self.uid, self.gid))
+        return self._images
+
+    async def _image_root(self, root: Path, image: Image) -> ImageRoot:
+        """The sandbox's writable layer over ``image`` (see the module docstring)."""
+        (root / "image").write_text(image.record.digest + "\n")
+        layer = root / "layer"
+        layer.mkdir(mode=0o700)
+        mode = os.stat(image.rootfs).st_mode & 0o7777
+        if self.image_layer == "overlay":
+            upper, work = layer / "upper", layer / "work"
+            upper.mkdir(mode=mode)
+            work.mkdir(mode=0o700)
+            os.chmod(upper, mode)  # the overlay's / takes the upper dir's owner and mode
+            if os.geteuid() == 0:
+                os.chown(upper, self.uid, self.gid)
+            return ImageRoot(
+                path=str(image.rootfs),
+                upper=str(upper),
+                work=str(work),
+                writable=self.image_writable,
+            )
+        copy = layer / "rootfs"
+        argv = [find_tool("cp") or "cp", "-a", "--reflink=auto", "--", str(image.rootfs), str(copy)]
+        result = await trio.run_process(argv, capture_stderr=True, check=False)
+        if result.returncode != 0:
+            raise Runtime(f"copying the image rootfs failed: {result.stderr.decode()[-500:]}")
+        return ImageRoot(path=str(copy), writable=self.image_writable)
+
     async def spawn(self, spec: SandboxSpec) -> SandboxProcess:
         cgroups.validate_limits(spec.cpus, spec.memory_mib, spec.pids_limit)
         root = self.sandbox_dir(spec.name)
@@ -182,7 +244,18 @@ class LocalDriver(Driver):
         process: trio.Process | None = None
         plan: BwrapPlan | None = None
         try:
-            runtime = agent_runtime()
+            runtime: RuntimeView
+            image_root: ImageRoot | None = None
+            chdir: str | None = None
+            if spec.image == HOST_IMAGE:
+                runtime = agent_runtime()
+            else:
+                image = await self.images.ensure(spec.image)
+                image_root = await self._image_root(root, image)
+                runtime = image_agent_runtime()
+                env = {**image.defaults.env_map(), **env}
+                if spec.workdir == DEFAULT_WORKDIR and image.defaults.workdir:
+                    chdir = image.defaults.workdir
             plan = plan_sandbox(
                 name=spec.name[:64],
                 command=runtime.argv,
@@ -194,6 +267,8 @@ class LocalDriver(Driver):
                 env=env,
                 network=spec.network,
                 image=spec.image,
+                image_root=image_root,
+                chdir=chdir,
                 runtime=runtime,
             )
             # The plan owns the ready pipe's write end from here: it is closed with the
@@ -270,4 +345,6 @@ class LocalDriver(Driver):
                 os.chown(path, self.uid, self.gid)
 
     async def remove(self, name: str) -> None:
+        with contextlib.suppress(OSError):  # a copied rootfs may hold read-only dirs
+            force_rmtree(self.sandbox_dir(name) / "layer")
         shutil.rmtree(self.sandbox_dir(name), ignore_errors=True)

@@ -18,13 +18,29 @@ repo's ``__pycache__`` files come along read-only, so imports stay fast.
 The view is plain data (host path -> sandbox path); ``bwrap.plan_sandbox`` turns it into
 bwrap arguments (and stages paths the sandbox uid cannot reach, such as a pyenv under
 ``/root``).
+
+**OCI images** (:func:`image_agent_runtime`) have their own ``/usr`` and maybe no Python
+or another libc, so the host's files are shown under ``/.corral/host`` instead: the
+host's ``/usr`` (and ``/lib*`` where they are real directories) at
+``/.corral/host/usr`` ..., the interpreter's prefix (when not under ``/usr``) at
+``/.corral/host/prefix``. The agent is started through the host's dynamic loader with
+an explicit ``--library-path`` (so the image's libraries and its ``ld.so.cache`` are
+never mixed in, and nothing leaks into the environment of the commands it runs)::
+
+    /.corral/host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path ... \
+        /.corral/host/prefix/bin/python3.11 -I -S -B -c BOOT
+
+Python finds its standard library from its own path (``argv[0]`` as the loader passes
+it), so no ``PYTHONHOME`` is needed (``-I`` would ignore it anyway).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 import sys
+import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +50,17 @@ from corral.errors import Runtime
 
 __all__ = [
     "AGENT_BOOT",
+    "HOST_DIR",
     "PKG_DIR",
     "RuntimeView",
     "agent_runtime",
+    "elf_interpreter",
+    "image_agent_runtime",
     "interpreter",
 ]
 
 PKG_DIR = "/.corral/pkg"
+HOST_DIR = "/.corral/host"
 AGENT_BOOT = (
     f"import sys; sys.path.insert(0, {PKG_DIR!r}); from corral.agentd.main import main; main()"
 )
@@ -112,4 +132,83 @@ def agent_runtime(
         ro_binds=tuple(binds),
         empty_files=(f"{pkg}/__init__.py",),
         argv=(exe, "-I", "-S", "-B", "-c", boot, *args),
+    )
+
+
+def elf_interpreter(path: str) -> str | None:
+    """The dynamic loader an ELF executable asks for (its ``PT_INTERP``), if any."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 52 or head[:4] != b"\x7fELF" or head[5] not in (1, 2):
+            return None
+        order = "<" if head[5] == 1 else ">"
+        if head[4] == 2:  # 64-bit: e_phoff at 32, e_phentsize/e_phnum at 54
+            (phoff,) = struct.unpack_from(f"{order}Q", head, 32)
+            size, count = struct.unpack_from(f"{order}HH", head, 54)
+            fields = f"{order}I4xQ16xQ"  # p_type, p_offset, p_filesz
+        else:  # 32-bit: e_phoff at 28, e_phentsize/e_phnum at 42
+            (phoff,) = struct.unpack_from(f"{order}I", head, 28)
+            size, count = struct.unpack_from(f"{order}HH", head, 42)
+            fields = f"{order}II8xI"
+        f.seek(phoff)
+        table = f.read(size * count)
+        for i in range(count):
+            kind, offset, length = struct.unpack_from(fields, table, i * size)
+            if kind == 3:  # PT_INTERP
+                f.seek(offset)
+                return f.read(length).rstrip(b"\0").decode()
+    return None
+
+
+def image_agent_runtime(
+    *,
+    args: Sequence[str] = (),
+    repo: Path | None = None,
+    boot: str = AGENT_BOOT,
+    host_dir: str = HOST_DIR,
+) -> RuntimeView:
+    """Like :func:`agent_runtime`, for an image root: the host's Python under ``host_dir``
+    started through the host's dynamic loader (see the module docstring)."""
+    base = agent_runtime(args=args, repo=repo, boot=boot)
+    exe, prefixes = interpreter()
+    roots: list[tuple[str, str]] = [("/usr", f"{host_dir}/usr")]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = f"/{name}"
+        if os.path.isdir(path) and not os.path.islink(path):
+            roots.append((path, f"{host_dir}{path}"))
+    for i, prefix in enumerate(prefixes):
+        roots.append((prefix, f"{host_dir}/prefix{i or ''}"))
+
+    def inside(path: str) -> str:
+        real = os.path.realpath(path)
+        for src, dest in roots:
+            if _under(real, [src]):
+                return dest + real[len(src) :]
+        raise Runtime(
+            f"{real} is not under a directory shown to images ({', '.join(s for s, _ in roots)})"
+        )
+
+    loader = elf_interpreter(exe)
+    if loader is None:
+        raise Runtime(f"{exe} has no ELF interpreter; cannot start it inside an image")
+    multiarch = str(sysconfig.get_config_var("MULTIARCH") or "")
+    candidates = [os.path.join(p, "lib") for p in prefixes]
+    for top in ("/usr/local/lib", "/lib", "/usr/lib", "/lib64", "/usr/lib64"):
+        if multiarch:
+            candidates.append(f"{top}/{multiarch}")
+        candidates.append(top)
+    libdirs: list[str] = []
+    for directory in candidates:
+        if os.path.isdir(directory):
+            mapped = inside(directory)
+            if mapped not in libdirs:
+                libdirs.append(mapped)
+    tail = base.argv[1:]  # -I -S -B -c BOOT ARGS...
+    return RuntimeView(
+        ro_binds=(
+            *[(src, dest) for src, dest in base.ro_binds if dest.startswith(PKG_DIR)],
+            *roots,
+        ),
+        empty_files=base.empty_files,
+        argv=(inside(loader), "--library-path", ":".join(libdirs), inside(exe), *tail),
     )
