@@ -196,8 +196,31 @@ async def copy_to_host(fs: SandboxFiles, path: str, host_path: str | os.PathLike
 
 
 async def _stream_into(fs: SandboxFiles, path: str, size: int, fd: int) -> None:
-    async for chunk in fs.read_stream(path, length=size):
-        await trio.to_thread.run_sync(_write_all, fd, chunk)
+    """The sandbox file's first ``size`` bytes into ``fd``: the next chunk is read while
+    this one is written (at most three chunks in memory)."""
+    send, recv = trio.open_memory_channel[bytes](1)
+
+    async def fetch() -> None:
+        async with send:
+            async for chunk in fs.read_stream(path, length=size):
+                await send.send(chunk)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            async with recv:
+                async for chunk in recv:
+                    await trio.to_thread.run_sync(_write_all, fd, chunk)
+    except BaseExceptionGroup as group:
+        raise _sole(group) from None
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a two-task nursery failed with (the other task was cancelled)."""
+    errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(errors) == 1 and not isinstance(errors[0], BaseExceptionGroup):
+        return errors[0]
+    return group
 
 
 async def _new_file(fs: SandboxFiles, path: str, entry: FsEntry, name: str, dir_fd: int) -> None:

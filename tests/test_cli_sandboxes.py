@@ -390,6 +390,30 @@ async def test_exec_streams_output_stdin_and_exit_code(
         assert "corral: ExecTimeout: sleep: killed after 0.5s" in capfd.readouterr().err
 
 
+@pytest.mark.integration
+async def test_logs_and_metrics_of_a_real_sandbox(
+    local_sup: corral.Supervisor, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if not hasattr(corral.Sandbox, "metrics_stream") or not hasattr(corral.Sandbox, "logs"):
+        pytest.skip("sandbox logs and metrics are not in yet")
+    with trio.fail_after(60):
+        await local_sup.create("cli-look")
+        capfd.readouterr()
+        assert await call(local_sup, ["logs", "cli-look", "--json"]) == 0
+        records = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+        assert records and records[0]["stream"] == "system"
+        assert "started" in records[0]["data"]
+        assert await call(local_sup, ["logs", "cli-look"]) == 0
+        assert "[system] sandbox started" in capfd.readouterr().err
+        assert await call(local_sup, ["metrics", "cli-look", "--json"]) == 0
+        sample = json.loads(capfd.readouterr().out)
+        assert sample["memory_bytes"] > 0 and sample["pids"] >= 1
+        argv = ["metrics", "cli-look", "--watch", "--interval", "0.1", "--count", "2"]
+        assert await call(local_sup, argv) == 0
+        lines = capfd.readouterr().out.splitlines()
+        assert len(lines) == 3 and lines[0].split()[0] == "CPU%"
+
+
 # -- separate processes -------------------------------------------------------------------------
 
 

@@ -324,3 +324,27 @@ async def test_copy_to_host_strips_setuid_and_refuses_deep_trees(
         with pytest.raises(corral.FsError, match="deeper than 3"):
             await hostfs.copy_to_host(loop, "/w", tmp_path / "deep")
         assert not (tmp_path / "deep").exists()
+
+
+class VanishingFs(LyingFs):
+    """A file listed, then gone when read (a racing sandbox): the read fails mid-copy."""
+
+    def read_stream(
+        self, path: str, *, chunk_size: int = FS_CHUNK, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        async def gen() -> AsyncIterator[bytes]:
+            yield b"ab"
+            raise corral.FsNotFound(f"{path}: gone", path=path)
+
+        return gen()
+
+
+async def test_a_failed_read_is_the_plain_error_and_the_copy_is_undone(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        fs = VanishingFs({"/w": [_entry("sub", "dir")], "/w/sub": [_entry("f", size=10)]})
+        with pytest.raises(corral.FsNotFound, match="gone"):
+            await hostfs.copy_to_host(fs, "/w", tmp_path / "out")
+        assert os.listdir(tmp_path) == []
+        with pytest.raises(corral.FsNotFound, match="gone"):
+            await hostfs.copy_to_host(fs, "/w/sub/f", tmp_path / "file")
+        assert os.listdir(tmp_path) == []  # the temporary file too
