@@ -56,6 +56,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--pids", type=int, metavar="N", help="process limit")
     p.add_argument("-l", "--label", action="append", default=[], metavar="K=V")
     p.add_argument("--no-start", action="store_true", help="create it stopped (corral start)")
+    p.add_argument(
+        "--restart",
+        choices=["temporary", "transient", "permanent"],
+        help="restart policy after a crash (default: temporary, never)",
+    )
+    p.add_argument("--max-restarts", type=int, metavar="N", help="restarts allowed per window")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="stop when idle")
+    p.add_argument("--max-duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     _json_flag(p)
     _bind(p, do_create)
 
@@ -272,6 +280,9 @@ async def do_create(sup: Any, args: argparse.Namespace) -> int:
     }
     if args.no_start:
         options["start"] = False
+    for option in ("restart", "max_restarts", "idle_timeout", "max_duration"):
+        if getattr(args, option) is not None:  # only what was asked: older APIs lack them
+            options[option] = getattr(args, option)
     name = args.name or f"sb-{uuid.uuid4().hex[:10]}"
     sb = await sup.create(name, **options)
     if args.json:

@@ -112,6 +112,7 @@ def test_unknown_name_exits_1_with_a_clear_message(
         (["create", "y", "--label", "bad"], "--label wants KEY=VALUE"),
         (["create", "Bad Name!"], "InvalidConfig"),
         (["create", "z", "--cpus", "0"], "cpus must be greater than 0"),
+        (["create", "z", "--idle-timeout", "-1"], "idle_timeout"),
         (["logs", "x", "--since", "5x"], "--since wants a duration"),
         (["logs", "x", "--tail", "-1"], "--tail wants a number"),
         (["metrics", "x", "--interval", "0"], "--interval must be greater than 0"),
@@ -192,6 +193,19 @@ async def test_create_ls_inspect_json_shapes(capsys: pytest.CaptureFixture[str])
             assert await call(sup, ["inspect", "job-1"]) == 0
             human = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
             assert human["name"].strip() == "job-1" and human["status"].strip() == "running"
+
+
+async def test_create_stopped_then_start(capsys: pytest.CaptureFixture[str]) -> None:
+    with trio.fail_after(10):
+        async with fake_sup() as sup:
+            argv = ["create", "later", "--no-start", "--restart", "transient", "--json"]
+            assert await call(sup, argv) == 0
+            assert json.loads(capsys.readouterr().out)["status"] == "created"
+            assert await call(sup, ["start", "later"]) == 0
+            assert capsys.readouterr().out == "later\n"
+            assert str((await sandboxes.get_sandbox(sup, "later")).status) == "running"
+            assert await call(sup, ["start", "nope"]) == 1
+            assert "SandboxNotFound" in capsys.readouterr().err
 
 
 async def test_stop_kill_drain_rm(capsys: pytest.CaptureFixture[str]) -> None:
