@@ -15,6 +15,7 @@ import resource
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -94,6 +95,30 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _revision() -> str:
+    """The code measured: git HEAD of the package's checkout, and whether it is dirty."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    changed = len(status.splitlines())
+    return f"git {head}" + (f" + uncommitted changes in {changed} files" if changed else "")
 
 
 def _loadavg() -> str:
@@ -200,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     took = time.perf_counter() - clock
     print(table(ctx.rows))
     checks = [
+        f"Code measured: {_revision()}.",
+        "",
         f"Load average (1 min) at the start {load_start}, at the end {_loadavg()}: other work "
         "on the machine shows as noise, and the ratios are what to quote.",
         "",
