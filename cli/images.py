@@ -2,7 +2,8 @@
 
 * ``corral image pull REF [--insecure] [--username U --password-stdin] [--json]`` --
   resolve ``REF`` at its registry (a moved tag is followed) and pull what is missing.
-* ``corral image ls [--json]`` -- the pulled references, newest first.
+* ``corral image ls [-a] [--json]`` -- the pulled references, newest first (a tag's
+  ``@digest`` aliases only with ``-a`` or ``--json``).
 * ``corral image rm REF|DIGEST... [--json]`` -- forget references and free what no
   reference and no sandbox still uses.
 * ``corral image gc [--json]`` -- free what no reference and no sandbox uses.
@@ -47,6 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pull.set_defaults(func=cmd_pull)
 
     listing = commands.add_parser("ls", aliases=["list"], help="list pulled images")
+    listing.add_argument(
+        "-a", "--all", action="store_true", help="also the @digest aliases of pulled tags"
+    )
     _json_flag(listing)
     listing.set_defaults(func=cmd_ls)
 
@@ -131,6 +135,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         _emit([_row(r) for r in records])
         return 0
+    if not args.all:  # a digest reference that a pulled tag also names is an alias
+        tagged = {r.digest for r in records if "@" not in r.reference}
+        records = [r for r in records if "@" not in r.reference or r.digest not in tagged]
     rows = [("REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED")]
     for r in records:
         pulled = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.pulled_at))

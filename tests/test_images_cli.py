@@ -55,7 +55,9 @@ def test_pull_ls_rm(
     assert main(["image", "ls"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"]
-    assert len(table) == 3
+    assert len(table) == 2 and table[1].split()[0] == pushed.reference
+    assert main(["image", "ls", "-a"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
 
     # a sandbox dir naming the digest keeps its rootfs through rm
     rootfs = corral_home / "images" / "rootfs" / pushed.digest[7:]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,7 +30,7 @@ from corral.drivers.local.images.testing import (
     push_image,
     run_registry,
 )
-from corral.errors import ImageNotFound
+from corral.errors import ImageNotFound, InvalidConfig
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +197,30 @@ async def test_a_missing_image_fails_the_create(local_backend: LocalBackend, tin
             with pytest.raises(ImageNotFound):
                 await sup.create("nope", image=missing)
     assert not (local_backend.sandboxes_dir / "nope").exists()
+
+
+@pytest.fixture
+def host_dir() -> Iterator[Path]:
+    """A world-writable directory the sandbox uid could reach on the host."""
+    path = Path(tempfile.mkdtemp(prefix="corral-evil-", dir="/tmp"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("where", [".corral", "run", "workspace"])
+async def test_symlinks_at_mount_points_are_refused(
+    local_backend: LocalBackend, registry: str, host_dir: Path, where: str
+) -> None:
+    # bwrap follows symlinks in destinations while the host's root is still at /oldroot:
+    # an image must not steer a mount point (nor a mkdir) anywhere else
+    evil = [
+        *host_rootfs_members(["sh"]),
+        Member(where, kind=tarfile.SYMTYPE, linkname=f"/oldroot{host_dir}"),
+    ]
+    pushed = await push_image(registry, f"test/evil-{uuid.uuid4().hex[:8]}", "1", [layer(evil)])
+    async with corral.open_supervisor(driver=driver(local_backend)) as sup:
+        with trio.fail_after(60):
+            with pytest.raises(InvalidConfig, match=f"symlink at /{where}"):
+                await sup.create("evil", image=pushed.reference)
+    assert os.listdir(host_dir) == []

@@ -312,6 +312,28 @@ def _host_image(args: list[str], builder: _Builder) -> list[int]:
     return fds
 
 
+def _check_image_paths(rootfs: str, dests: Sequence[str]) -> None:
+    """Refuse an image where a path bwrap creates or mounts on goes through a symlink.
+
+    bwrap follows symlinks in destinations while it sets up, before the new root is its
+    ``/`` (the host's root is then at ``/oldroot``), so an image's ``/run -> ...`` would
+    send a mount or a ``mkdir`` somewhere else than meant. Refused up front, with a clear
+    error, rather than reasoned about. Checked on the image's root as the sandbox starts
+    from it (its writable layer is new, so the image alone decides).
+    """
+    for dest in dests:
+        current = rootfs
+        for part in Path(dest).parts[1:]:
+            current = os.path.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                inside = "/" + os.path.relpath(current, rootfs)
+                raise InvalidConfig(f"the image has a symlink at {inside}: corral mounts there")
+
+
 def _check_dest(dest: str) -> str:
     if not dest.startswith("/") or "\0" in dest or ".." in Path(dest).parts:
         raise InvalidConfig(f"sandbox paths must be absolute and plain: {dest!r}")
@@ -491,8 +513,11 @@ def plan_sandbox(
         for fd, dest in zip(file_fds, empty_files, strict=True):
             args += ["--perms", "0444", "--file", str(fd), _check_dest(dest)]
         start = workdir if chdir is None else _check_dest(chdir)
-        if image_root is not None and start != workdir:
-            args += ["--dir", start]
+        if image_root is not None:
+            mounts = ["/proc", "/dev", "/tmp", "/run", start, *empty_files]
+            _check_image_paths(image_root.path, mounts + [dest for _, dest, _ in binds])
+            if start != workdir:
+                args += ["--dir", start]
         if image_root is None or not image_root.writable:
             args += ["--remount-ro", "/"]
         args += ["--clearenv"]
