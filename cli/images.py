@@ -2,6 +2,7 @@
 
 * ``corral image pull REF [--insecure] [--username U --password-stdin] [--json]`` --
   resolve ``REF`` at its registry (a moved tag is followed) and pull what is missing.
+  Without ``--username``, credentials come from docker's ``config.json`` if it has some.
 * ``corral image ls [-a] [--json]`` -- the pulled references, newest first (a tag's
   ``@digest`` aliases only with ``-a`` or ``--json``).
 * ``corral image rm REF|DIGEST... [--json]`` -- forget references and free what no

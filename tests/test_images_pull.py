@@ -374,6 +374,14 @@ async def test_token_auth(registry: str, tmp_path: Path) -> None:
             good = {front: ("alice", "s3cret")}
             image = await ImageStore(tmp_path / "good", credentials=good).ensure(ref)
             assert files(image.rootfs)["etc/motd"] == b"hello\n"
+            docker = tmp_path / "docker"
+            docker.mkdir()
+            token = base64.b64encode(b"alice:s3cret").decode()
+            (docker / "config.json").write_text(json.dumps({"auths": {front: {"auth": token}}}))
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("DOCKER_CONFIG", str(docker))
+                from_config = await ImageStore(tmp_path / "docker-home").ensure(ref)
+            assert from_config.record.digest == image.record.digest
             assert proxy.token_requests[-1] == {
                 "service": "corral-test",
                 "scope": "repository:x:pull",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
-from corral.drivers.local.images import Platform, RegistryClient, parse_reference
+from corral.drivers.local.images import ImageStore, Platform, RegistryClient, parse_reference
+from corral.drivers.local.images.auth import docker_credentials
 from corral.drivers.local.images.manifest import (
     Index,
     Manifest,
@@ -243,3 +246,33 @@ async def test_basic_auth_and_not_found() -> None:
     async with RegistryClient(transport=httpx.MockTransport(registry)) as client:
         with pytest.raises(RegistryError, match="authentication required"):
             await client.get_manifest(ref)
+
+
+def test_docker_config_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    config = {
+        "auths": {
+            "https://index.docker.io/v1/": {"auth": b64("hub:pw:with:colons")},
+            "127.0.0.1:5000": {"username": "u", "password": "p"},
+            "https://reg.example/v2/": {"auth": b64("me:secret")},
+            "broken.example": {"auth": "%%%"},
+            "empty.example": {},
+        },
+        "credsStore": "desktop",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    assert docker_credentials() == {
+        "docker.io": ("hub", "pw:with:colons"),
+        "127.0.0.1:5000": ("u", "p"),
+        "reg.example": ("me", "secret"),
+    }
+    assert ImageStore(tmp_path / "s").credentials["reg.example"] == ("me", "secret")
+    explicit = ImageStore(tmp_path / "s", credentials={"reg.example": ("x", "y")})
+    assert explicit.credentials["reg.example"] == ("x", "y")
+    assert ImageStore(tmp_path / "s", docker_config=False).credentials == {}
+    (tmp_path / "config.json").write_text("{not json")
+    assert docker_credentials() == {}
+    assert docker_credentials(tmp_path / "missing.json") == {}

@@ -224,3 +224,18 @@ async def test_symlinks_at_mount_points_are_refused(
             with pytest.raises(InvalidConfig, match=f"symlink at /{where}"):
                 await sup.create("evil", image=pushed.reference)
     assert os.listdir(host_dir) == []
+
+
+async def test_network_brings_the_hosts_resolver_files(
+    local_backend: LocalBackend, tiny: str
+) -> None:
+    host = {name: await trio.Path("/etc", name).read_bytes() for name in ("resolv.conf", "hosts")}
+    async with corral.open_supervisor(driver=driver(local_backend)) as sup:
+        with trio.fail_after(60):
+            online = await sup.create("net", image=tiny, network=True)
+            offline = await sup.create("nonet", image=tiny)
+            for name, data in host.items():
+                assert (await online.exec("cat", [f"/etc/{name}"])).stdout == data
+                assert not await offline.fs.exists(f"/etc/{name}")
+            await online.stop()
+            await offline.stop()

@@ -322,16 +322,42 @@ def _check_image_paths(rootfs: str, dests: Sequence[str]) -> None:
     from it (its writable layer is new, so the image alone decides).
     """
     for dest in dests:
-        current = rootfs
-        for part in Path(dest).parts[1:]:
-            current = os.path.join(current, part)
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                break
-            if stat.S_ISLNK(st.st_mode):
-                inside = "/" + os.path.relpath(current, rootfs)
-                raise InvalidConfig(f"the image has a symlink at {inside}: corral mounts there")
+        link = _symlink_on_path(rootfs, dest)
+        if link is not None:
+            raise InvalidConfig(f"the image has a symlink at {link}: corral mounts there")
+
+
+def _symlink_on_path(rootfs: str, dest: str) -> str | None:
+    """The first symlink on the way to ``dest`` inside ``rootfs`` (``dest`` included)."""
+    current = rootfs
+    for part in Path(dest).parts[1:]:
+        current = os.path.join(current, part)
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return "/" + os.path.relpath(current, rootfs)
+    return None
+
+
+def _image_dns(rootfs: str, args: list[str], builder: _Builder) -> list[int]:
+    """With the network on, the host's resolv.conf and hosts replace the image's (as
+    docker does); skipped where the image has a symlink. Returns the fds to pass."""
+    fds: list[int] = []
+    for name in ("resolv.conf", "hosts"):
+        path = f"/etc/{name}"
+        try:
+            real = os.path.realpath(path)
+            st = os.stat(real)
+        except OSError:
+            continue
+        usable = stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IROTH
+        if usable and st.st_size <= _COPY_LIMIT and _symlink_on_path(rootfs, path) is None:
+            fd = builder.open(real)
+            fds.append(fd)
+            args += ["--perms", "0444", "--file", str(fd), path]
+    return fds
 
 
 def _check_dest(dest: str) -> str:
@@ -516,6 +542,8 @@ def plan_sandbox(
         if image_root is not None:
             mounts = ["/proc", "/dev", "/tmp", "/run", start, *empty_files]
             _check_image_paths(image_root.path, mounts + [dest for _, dest, _ in binds])
+            if network:
+                child_fds += _image_dns(image_root.path, args, builder)
             if start != workdir:
                 args += ["--dir", start]
         if image_root is None or not image_root.writable:

@@ -36,6 +36,7 @@ import trio
 
 from corral.errors import ImageError, ImageNotFound
 
+from .auth import docker_credentials
 from .manifest import (
     Descriptor,
     Index,
@@ -146,7 +147,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ImageStore:
-    """Pull, cache and list OCI images under ``root`` (``<home>/images``)."""
+    """Pull, cache and list OCI images under ``root`` (``<home>/images``).
+
+    Registry credentials: ``credentials`` (registry -> (user, password)) over those of
+    docker's ``config.json`` (unless ``docker_config=False``, see :mod:`.auth`).
+    """
 
     def __init__(
         self,
@@ -156,6 +161,7 @@ class ImageStore:
         platform: Platform | None = None,
         insecure: bool = False,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        docker_config: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 60.0,
         limits: UnpackLimits | None = None,
@@ -169,7 +175,10 @@ class ImageStore:
         self.owner = owner
         self.platform = platform or host_platform()
         self.insecure = insecure
-        self.credentials = dict(credentials or {})
+        self.credentials = {
+            **(docker_credentials() if docker_config else {}),
+            **(credentials or {}),
+        }
         self.transport = transport
         self.timeout = timeout
         self.limits = limits or UnpackLimits()
