@@ -67,7 +67,7 @@ def handle(msg: FsRequest) -> Message:
         path = exc.filename if isinstance(exc.filename, str) else _main_path(msg)
         err = fs_error_from_oserror(exc, path)
         return ErrorReply(code=err.code, message=err.message, errno=err.errno)
-    except ValueError as exc:  # embedded NUL byte and similar
+    except (ValueError, OverflowError) as exc:  # embedded NUL, a mode/offset past C types
         return ErrorReply(code="fs_error", message=f"{exc}: {_main_path(msg)!r}")
 
 
