@@ -124,7 +124,9 @@ async def test_pull_with_an_index_applies_whiteouts(registry: str, tmp_path: Pat
 async def test_pull_without_an_index_and_docker_media_types(registry: str, tmp_path: Path) -> None:
     with trio.fail_after(60):
         name = repo()
-        pushed = await push_image(registry, name, "v2", [layer(LOWER)], docker_media=True)
+        pushed = await push_image(
+            registry, name, "v2", [layer(LOWER)], docker_media=True, arch=ARCH
+        )
         store = ImageStore(tmp_path / "images")
         image = await store.ensure(f"{registry}/{name}:v2")
         assert image.record.index_digest is None
@@ -135,6 +137,10 @@ async def test_pull_without_an_index_and_docker_media_types(registry: str, tmp_p
         )
         with pytest.raises(ImageNotFound):
             await store.ensure(f"{registry}/{name}:missing")
+        foreign = await push_image(registry, name, "arm", [layer(LOWER)], arch=OTHER_ARCH)
+        with pytest.raises(ImageNotFound, match=f"linux/{OTHER_ARCH} image; this host is"):
+            await store.ensure(foreign.reference)
+        assert not store.rootfs_dir(foreign.digest).exists()
         with pytest.raises(ImageNotFound):
             await store.ensure(f"{registry}/test/never-pushed-{uuid.uuid4().hex[:8]}:1")
 

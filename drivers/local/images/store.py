@@ -291,6 +291,13 @@ class ImageStore:
                 raise ImageError(f"{ref}: image config larger than {MAX_CONFIG_BYTES} bytes")
             await self._blob(client, ref, manifest.config)
             config = decode_config(self.blob_path(manifest.config.digest).read_bytes())
+            want = self.platform
+            if (config.os or want.os) != want.os or (
+                config.architecture or want.architecture
+            ) != want.architecture:
+                raise ImageNotFound(
+                    f"{ref} is a {config.os}/{config.architecture} image; this host is {want}"
+                )
             layer_dirs = []
             for layer in manifest.layers:
                 if layer.size > self.max_layer_bytes:

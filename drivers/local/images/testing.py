@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from .manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from .manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, host_platform
 
 __all__ = [
     "Member",
@@ -238,12 +238,14 @@ async def push_image(
     layers: Sequence[bytes],
     *,
     config: dict[str, object] | None = None,
-    arch: str = "amd64",
+    arch: str | None = None,
     others: dict[str, Sequence[bytes]] | None = None,
     docker_media: bool = False,
 ) -> PushedImage:
-    """Push an image; with ``others`` (arch -> layers), push an index of all platforms."""
+    """Push an image (for ``arch``, default: this host's); with ``others`` (arch ->
+    layers), push an index of all platforms under ``tag``."""
     media = DOCKER_MANIFEST if docker_media else OCI_MANIFEST
+    arch = arch or host_platform().architecture
     async with httpx.AsyncClient(timeout=30) as client:
         body, layer_digests, config_digest = await _push_one(
             client, registry, repo, layers, arch, config or {}, media
