@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import errors
-from .actors.execs import ExecResult
+from .actors.execs import ExecResult, Job
+from .actors.logfiles import LogRecord
 from .actors.sandbox import (
     DEFAULT_KILL_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -52,6 +53,7 @@ from .errors import (
     ImageError,
     ImageNotFound,
     InvalidConfig,
+    JobNotFound,
     ProtocolError,
     RegistryError,
     Runtime,
@@ -80,6 +82,7 @@ from .protocol import (
     FsRename,
     FsStat,
     FsWrite,
+    JobInfo,
     Ping,
     Shutdown,
 )
@@ -93,6 +96,9 @@ __all__ = [
     "SandboxFs",
     "ExecProcess",
     "ExecResult",
+    "Job",
+    "JobInfo",
+    "LogRecord",
     "SandboxInfo",
     "SandboxStatus",
     "Watch",
@@ -145,6 +151,7 @@ __all__ = [
     "RegistryError",
     "UnsafeLayer",
     "InvalidConfig",
+    "JobNotFound",
     "ProtocolError",
     "Runtime",
     "SandboxAlreadyExists",

@@ -17,7 +17,8 @@ microsandbox seed's errors (``SandboxNotFound``, ``SandboxAlreadyExists``,
     │   └── ActorDead               the actor that owned a sandbox is gone
     ├── ExecError
     │   ├── ExecTimeout             killed after its timeout (partial output attached)
-    │   └── ExecFailed(kind, errno) the command could not be started
+    │   ├── ExecFailed(kind, errno) the command could not be started
+    │   └── JobNotFound             no detached job with that id in the sandbox
     ├── ImageError                  an OCI image could not be pulled, verified or unpacked
     │   ├── ImageNotFound           no such repository, tag, digest or platform; not pulled
     │   ├── RegistryError           the registry failed, refused or could not be reached
@@ -68,6 +69,7 @@ __all__ = [
     "RegistryError",
     "UnsafeLayer",
     "InvalidConfig",
+    "JobNotFound",
     "ProtocolError",
     "Runtime",
     "SandboxAlreadyExists",
@@ -162,6 +164,12 @@ class ExecFailed(ExecError):
         super().__init__(message)
         self.kind = kind
         self.errno = errno
+
+
+class JobNotFound(ExecError):
+    """No detached job with that id (it never existed, or it was pruned)."""
+
+    code = "job_not_found"
 
 
 class ImageError(CorralError):

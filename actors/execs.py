@@ -17,7 +17,16 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from ..errors import AgentError, CorralError, ExecFailed, ExecTimeout, ProtocolError, Runtime
+from ..errors import (
+    AgentError,
+    CorralError,
+    ExecFailed,
+    ExecTimeout,
+    InvalidConfig,
+    JobNotFound,
+    ProtocolError,
+    Runtime,
+)
 from ..protocol import (
     Exec,
     ExecCredit,
@@ -27,14 +36,28 @@ from ..protocol import (
     ExecStartFailed,
     ExecStderr,
     ExecStdout,
+    JobExited,
+    JobInfo,
+    JobKill,
+    JobList,
+    JobListReply,
+    JobStart,
+    JobStarted,
+    JobWait,
     Message,
+    Ok,
 )
 from .channel import AgentChannel, Conversation
+from .mailbox import Actor
 
 __all__ = [
     "EXEC_TIMEOUT_MARGIN",
+    "JOB_REPLIES",
     "ExecResult",
     "ExecSession",
+    "Job",
+    "check_signal",
+    "job_request",
     "open_session",
     "relay_exec",
     "run_exec",
@@ -233,3 +256,78 @@ def open_session(
     """A session and the send side of its (unbuffered) event channel."""
     send, receive = trio.open_memory_channel[Message](0)
     return ExecSession(conv, receive, translate), send
+
+
+# -- detached jobs ----------------------------------------------------------------------------
+
+JOB_REPLIES: dict[type[Message], type[Message]] = {
+    JobStart: JobStarted,
+    JobList: JobListReply,
+    JobWait: JobExited,
+    JobKill: Ok,
+}
+"""Job requests and the reply each gets."""
+
+_SIGNALS = frozenset(int(s) for s in _signal.valid_signals())
+
+
+def check_signal(signum: object) -> int:
+    """A signal number this host knows (InvalidConfig otherwise)."""
+    if isinstance(signum, bool) or not isinstance(signum, int) or int(signum) not in _SIGNALS:
+        raise InvalidConfig(f"invalid signal number {signum!r}")
+    return int(signum)
+
+
+async def job_request(channel: AgentChannel, request: Message) -> Message:
+    """One job request, its one reply (ExecFailed when a job cannot start)."""
+    reply = await channel.request(request)
+    if isinstance(reply, ExecStartFailed):
+        raise start_failed_error(reply)
+    expected = JOB_REPLIES[type(request)]
+    if not isinstance(reply, expected):
+        raise ProtocolError(
+            f"agent answered {type(request).__name__} with {type(reply).__name__}, "
+            f"expected {expected.__name__}"
+        )
+    return reply
+
+
+class Job:
+    """A detached job in a sandbox: it runs in the agent, whoever started it.
+
+    A cheap handle (``sb.exec_detached`` returns one, ``sb.job(id)`` makes one for a
+    job started earlier or by another client). Its output goes to the sandbox log
+    (``sb.logs()`` entries with ``job == id``).
+    """
+
+    __slots__ = ("_actor", "args", "cmd", "id", "pid")
+
+    def __init__(
+        self, actor: Actor, id: int, *, pid: int | None = None, cmd: str = "", args: list[str]
+    ) -> None:
+        self._actor = actor
+        self.id = id
+        self.pid = pid
+        self.cmd = cmd
+        self.args = args
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.cmd!r} pid={self.pid}>"
+
+    async def wait(self) -> int:
+        """Wait for the job to end; its exit code (ExecTimeout if its timeout killed it)."""
+        exited = await self._actor.ask_as(JobWait(id=self.id), JobExited)
+        if exited.timed_out:
+            raise ExecTimeout(f"job {self.id} ({self.cmd}): timed out")
+        return exited.exit_code
+
+    async def kill(self, signal: int = _signal.SIGKILL) -> None:
+        """Send ``signal`` (SIGKILL by default) to the job's process group."""
+        await self._actor.ask_as(JobKill(id=self.id, signal=check_signal(signal)), Ok)
+
+    async def info(self) -> JobInfo:
+        reply = await self._actor.ask_as(JobList(), JobListReply)
+        for info in reply.jobs:
+            if info.id == self.id:
+                return info
+        raise JobNotFound(f"no job {self.id} in sandbox {self._actor.name!r}")

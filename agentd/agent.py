@@ -12,6 +12,8 @@ from ..protocol.framing import TERMINAL
 from ..protocol.messages import Ok
 from .conn import AGENT_VERSION, Connection
 from .execs import group_alive, killpg
+from .jobs import JobTable
+from .logring import RING_BYTES, LogRing
 
 __all__ = ["AGENT_VERSION", "Agent"]
 
@@ -33,9 +35,17 @@ _LINGER_PRUNE = 64
 
 
 class Agent:
-    def __init__(self, loop: asyncio.AbstractEventLoop, base_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        base_env: dict[str, str],
+        *,
+        log_bytes: int = RING_BYTES,
+    ) -> None:
         self.loop = loop
         self.base_env = base_env
+        self.logs = LogRing(log_bytes)
+        self.jobs = JobTable(self)
         self.children: dict[int, ExecSession] = {}  # pid -> session, until reaped
         self.sessions: set[ExecSession] = set()  # execs not yet ended
         self.lingering: set[int] = set()  # groups of ended execs that still had members
@@ -95,6 +105,7 @@ class Agent:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.logs.append("system", f"agent shutting down (grace {grace:g}s)")
         self.loop.create_task(self._shutdown(max(0.0, grace)))
 
     def _groups(self) -> set[int]:
@@ -143,6 +154,7 @@ class Agent:
     async def _flush(self, timeout: float) -> None:
         deadline = self.loop.time() + timeout
         while True:
-            if not any(c.buffered() for c in self.connections) or self.loop.time() >= deadline:
+            busy = self.logs.unsent() or any(c.buffered() for c in self.connections)
+            if not busy or self.loop.time() >= deadline:
                 return
             await asyncio.sleep(0.005)

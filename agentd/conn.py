@@ -40,6 +40,12 @@ from ..protocol.messages import (
     FsSymlink,
     FsWrite,
     Hello,
+    JobKill,
+    JobList,
+    JobStart,
+    JobWait,
+    LogAck,
+    LogSubscribe,
     Ping,
     Pong,
     Ready,
@@ -47,6 +53,8 @@ from ..protocol.messages import (
 )
 from . import fs
 from .execs import ExecSession
+from .jobs import JobWaiter
+from .logring import LogSubscription
 
 if TYPE_CHECKING:
     from ..protocol.messages import Message
@@ -54,7 +62,7 @@ if TYPE_CHECKING:
 
 AGENT_VERSION = "corral-agentd 0.1.0"
 
-FOLLOW_UPS = (ExecStdin, ExecSignal, ExecResize, ExecCredit, Cancel)
+FOLLOW_UPS = (ExecStdin, ExecSignal, ExecResize, ExecCredit, LogAck, Cancel)
 FS_REQUESTS = (
     FsRead,
     FsWrite,
@@ -96,7 +104,7 @@ class Connection(asyncio.Protocol):
         self.ready = False
         self.closing = False
         self.paused = False
-        self.convs: dict[int, ExecSession | Busy] = {}
+        self.convs: dict[int, ExecSession | Busy | JobWaiter | LogSubscription] = {}
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -209,6 +217,20 @@ class Connection(asyncio.Protocol):
                 self.send(id, err, TERMINAL)
             else:
                 ExecSession(self.agent, self, id, msg).start()
+        elif isinstance(msg, JobStart):
+            if self.agent.shutting_down:
+                err = ErrorReply(code="sandbox_not_running", message="the agent is shutting down")
+                self.send(id, err, TERMINAL)
+            else:
+                self.agent.jobs.start(self, id, msg)
+        elif isinstance(msg, JobList):
+            self.send(id, self.agent.jobs.list(), TERMINAL)
+        elif isinstance(msg, JobWait):
+            self.agent.jobs.wait(self, id, msg)
+        elif isinstance(msg, JobKill):
+            self.send(id, self.agent.jobs.kill(msg), TERMINAL)
+        elif isinstance(msg, LogSubscribe):
+            self.agent.logs.subscribe(self, id, msg)
         elif isinstance(msg, Ping):
             self.send(id, Pong(), TERMINAL)
         elif isinstance(msg, Shutdown):

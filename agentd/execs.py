@@ -17,7 +17,8 @@ import os
 import signal as _signal
 import stat as _stat
 import subprocess
-from typing import TYPE_CHECKING
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..protocol.framing import TERMINAL
 from ..protocol.messages import (
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
     from ..protocol.messages import Message
     from .agent import Agent
-    from .conn import Connection
 
 STDIN_EOF_TTY = b"\x04"
 """What "closing" stdin means on a terminal: the VEOF character."""
@@ -121,10 +121,22 @@ def _current_user(user: str) -> bool:
         return False
 
 
+class Sink(Protocol):
+    """Where a session's frames go: a host connection, or a detached job (jobs.py)."""
+
+    @property
+    def paused(self) -> bool: ...
+
+    @property
+    def convs(self) -> MutableMapping[int, Any]: ...
+
+    def send(self, id: int, msg: Message, flags: int = 0) -> None: ...
+
+
 class ExecSession:
     """The agent side of one ``Exec`` request id."""
 
-    def __init__(self, agent: Agent, conn: Connection, id: int, req: Exec) -> None:
+    def __init__(self, agent: Agent, conn: Sink, id: int, req: Exec) -> None:
         self.agent = agent
         self.loop = agent.loop
         self.conn = conn
@@ -156,6 +168,7 @@ class ExecSession:
         req = self.req
         if req.user and not _current_user(req.user):
             msg = f"exec as user {req.user!r} is not supported (the agent is uid {os.getuid()})"
+            self.agent.logs.append("system", f"exec failed to start: {msg}")
             self.conn.send(self.id, ErrorReply(code="unsupported", message=msg), TERMINAL)
             return
         env = dict(self.agent.base_env)
@@ -202,6 +215,7 @@ class ExecSession:
             self.timer = self.loop.call_later(max(0.0, req.timeout), self._on_timeout)
 
     def _start_failed(self, kind: str, message: str, errno: int | None) -> None:
+        self.agent.logs.append("system", f"exec failed to start: {message}")
         reply = ExecStartFailed(kind=kind, message=message, errno=errno)
         self.conn.send(self.id, reply, TERMINAL)
 

@@ -6,6 +6,7 @@ removed, so commands never see them):
 - ``CORRAL_AGENT_SOCKET``: the Unix socket to listen on (default ``/run/agent/agent.sock``).
 - ``CORRAL_READY_FD``: an inherited fd; once listening, the agent writes ``b"R"`` to it
   and closes it.
+- ``CORRAL_LOG_RING_BYTES``: the size of the log ring (see :mod:`.logring`).
 
 It imports only the standard library, ``msgspec``, ``corral.protocol`` and
 ``corral.errors``: the sandbox holds nothing else.
@@ -18,6 +19,7 @@ import os
 import socket
 
 from .agent import Agent
+from .logring import RING_BYTES
 
 DEFAULT_SOCKET = "/run/agent/agent.sock"
 
@@ -48,13 +50,14 @@ def main() -> None:
     environ = os.environ
     path = environ.get("CORRAL_AGENT_SOCKET") or DEFAULT_SOCKET
     ready = environ.get("CORRAL_READY_FD")
+    ring = environ.get("CORRAL_LOG_RING_BYTES", "").strip()
     for key in [k for k in environ if k.startswith("CORRAL_")]:
         del environ[key]
     ready_fd = int(ready) if ready and ready.strip().isdigit() else None
     sock = listen(path)
     ino = os.stat(path).st_ino
     loop = asyncio.new_event_loop()
-    agent = Agent(loop, dict(environ))
+    agent = Agent(loop, dict(environ), log_bytes=int(ring) if ring.isdigit() else RING_BYTES)
     try:
         loop.run_until_complete(agent.serve(sock, ready_fd))
     finally:

@@ -146,6 +146,111 @@ class ExecStartFailed(Message):
     errno: int | None = None
 
 
+# -- detached jobs ---------------------------------------------------------------------------
+#
+# A job is a command the agent runs on its own: it outlives the connection that started it
+# (any connection may list, wait for or kill it), and its output goes to the sandbox log.
+
+LOG_WINDOW = 256 * 1024
+"""Default log credit: bytes (data + LOG_ENTRY_COST per entry) unacknowledged at once."""
+
+LOG_ENTRY_COST = 64
+"""What one log entry counts against the window (and the agent's ring) beyond its data."""
+
+
+class JobStart(Message):
+    """Start a detached job; replies JobStarted, or ExecStartFailed / ErrorReply."""
+
+    cmd: str
+    args: list[str] = []
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    user: str | None = None
+    timeout: float | None = None
+    stdin: bytes | None = None
+
+
+class JobStarted(Message):
+    id: int
+    pid: int
+
+
+class JobInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
+    id: int
+    cmd: str
+    args: list[str] = []
+    pid: int = 0
+    status: str = "running"
+    """``running`` or ``exited``."""
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    started_at: float = 0.0
+    """Unix time (the agent's clock)."""
+    ended_at: float | None = None
+
+
+class JobList(Message):
+    pass
+
+
+class JobListReply(Message):
+    jobs: list[JobInfo]
+
+
+class JobWait(Message):
+    """Wait for job ``id`` to end (at once if it has); replies JobExited (job_not_found)."""
+
+    id: int
+
+
+class JobExited(Message):
+    id: int
+    exit_code: int
+    signal: int | None = None
+    timed_out: bool = False
+
+
+class JobKill(Message):
+    """Send ``signal`` to job ``id``'s process group; Ok (also when it already ended)."""
+
+    id: int
+    signal: int = 9
+
+
+# -- sandbox log -----------------------------------------------------------------------------
+#
+# The agent keeps job output and its own events (``system``) in a bounded ring and pushes
+# them to one subscriber (the host, which owns the log files) under credit: entries stay in
+# the ring until acknowledged by LogAck, at most ``window`` bytes of them unacknowledged. A
+# new subscription replaces the old one and resends what was not acknowledged after
+# ``after``. With nobody subscribed the ring drops its oldest entries and says so in a
+# ``system`` entry ("dropped N bytes ...").
+
+
+class LogSubscribe(Message):
+    after: int = 0
+    """The last entry seq the host already has (0: everything the ring holds)."""
+    window: int = LOG_WINDOW
+
+
+class LogEntry(Message):
+    seq: int
+    ts: float
+    stream: str
+    """``stdout``, ``stderr`` (a job's output) or ``system`` (the agent's events)."""
+    data: bytes
+    job: int | None = None
+    exit_code: int | None = None
+    """On a job's "exited" system entry."""
+
+
+class LogAck(Message):
+    """Follow-up: the host has stored every entry up to ``seq``."""
+
+    seq: int
+
+
 # -- filesystem ------------------------------------------------------------------------------
 
 
@@ -260,6 +365,16 @@ AnyMessage = (
     | ExecStderr
     | ExecExited
     | ExecStartFailed
+    | JobStart
+    | JobStarted
+    | JobList
+    | JobListReply
+    | JobWait
+    | JobExited
+    | JobKill
+    | LogSubscribe
+    | LogEntry
+    | LogAck
     | FsRead
     | FsData
     | FsWrite
