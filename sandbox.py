@@ -12,13 +12,24 @@ import signal as _signal
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from .actors.execs import ExecResult, ExecSession
+from .actors.execs import ExecResult, ExecSession, Job, check_signal
 from .actors.fsops import FsReadStream, check_chunk_size, write_chunks
-from .actors.sandbox import Describe, Drain, Kill, OpenExecStream, SandboxActor, SandboxInfo, Stop
+from .actors.logs import LogFollower, LogRecord
+from .actors.metrics import MetricsStream, check_interval
+from .actors.sandbox import (
+    Describe,
+    Drain,
+    GetMetrics,
+    Kill,
+    OpenExecStream,
+    SandboxActor,
+    SandboxInfo,
+    Stop,
+)
 from .actors.state import SandboxStatus
 from .errors import AgentGone, ExecTimeout, InvalidConfig, Runtime
 from .protocol import (
@@ -45,13 +56,21 @@ from .protocol import (
     FsSymlink,
     FsWrite,
     FsWritten,
+    JobInfo,
+    JobList,
+    JobListReply,
+    JobStart,
+    JobStarted,
     Message,
     Ok,
     Ping,
     Pong,
 )
 
-__all__ = ["ExecProcess", "Sandbox", "SandboxFs"]
+if TYPE_CHECKING:
+    from .drivers.local.metrics import SandboxMetrics
+
+__all__ = ["ExecProcess", "Job", "Sandbox", "SandboxFs"]
 
 CLOSE_TIMEOUT = 3.0
 """How long leaving an exec_stream block waits for the kill to be delivered."""
@@ -164,6 +183,61 @@ class Sandbox:
             yield proc
         finally:
             await proc.aclose()
+
+    # -- detached jobs, logs, metrics ------------------------------------------------------
+    async def exec_detached(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Start a job that runs on its own in the sandbox (its output goes to the sandbox
+        log); returns once it runs. ExecFailed when it cannot start."""
+        fields = _exec_request(cmd, args, env, cwd, timeout)
+        request = JobStart(**fields, stdin=None if stdin is None else _as_bytes(stdin))
+        started = await self._actor.ask_as(request, JobStarted)
+        return Job(self._actor, started.id, pid=started.pid, cmd=cmd, args=fields["args"])
+
+    async def jobs(self) -> list[JobInfo]:
+        """Every job the sandbox's agent knows: running, and the latest finished ones."""
+        reply = await self._actor.ask_as(JobList(), JobListReply)
+        return reply.jobs
+
+    def job(self, id: int) -> Job:
+        """A handle on job ``id`` (started earlier, maybe by another client; no I/O)."""
+        if isinstance(id, bool) or not isinstance(id, int) or id < 1:
+            raise InvalidConfig(f"a job id is a whole number >= 1, got {id!r}")
+        return Job(self._actor, id, args=[])
+
+    async def logs(
+        self, *, tail: int | None = None, since: float | datetime | None = None
+    ) -> list[LogRecord]:
+        """The sandbox log (job output, agent and lifecycle events), oldest first: entries
+        at or after ``since`` (a datetime or Unix time), the last ``tail`` of them."""
+        return await self._actor.log.store.read_async(tail=tail, since=since)
+
+    def log_stream(
+        self, *, tail: int | None = None, since: float | datetime | None = None
+    ) -> LogFollower:
+        """``async for entry in sb.log_stream()``: what ``logs()`` gives, then each new
+        entry as it comes; ends once the sandbox has stopped (or crashed)."""
+        actor = self._actor
+        return actor.log.store.follow(
+            tail=tail, since=since, until=lambda: actor.status.value.terminal
+        )
+
+    async def metrics(self) -> SandboxMetrics:
+        """Resource usage now (SandboxNotRunning unless it runs)."""
+        return cast("SandboxMetrics", await self._actor.ask(GetMetrics()))
+
+    def metrics_stream(self, interval: float = 1.0) -> MetricsStream:
+        """``async for m in sb.metrics_stream(1.0)``: a sample now, then every ``interval``
+        seconds on a fixed grid; ends when the sandbox stops."""
+        return MetricsStream(self._actor, GetMetrics(), check_interval(interval))
 
     # -- lifecycle ---------------------------------------------------------------------
     async def stop(self, timeout: float = 10.0) -> None:
@@ -400,7 +474,7 @@ class ExecProcess:
         await self._send(ExecStdin(eof=True))
 
     async def signal(self, signum: int) -> None:
-        await self._send(ExecSignal(signal=int(signum)))
+        await self._send(ExecSignal(signal=check_signal(signum)))
 
     async def kill(self) -> None:
         await self.signal(_signal.SIGKILL)

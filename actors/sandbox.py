@@ -41,13 +41,26 @@ from ..protocol import (
     FsRead,
     FsWrite,
     FsWritten,
+    JobKill,
+    JobList,
+    JobStart,
+    JobWait,
     Message,
     Ok,
     Shutdown,
 )
 from .channel import AgentChannel
-from .execs import ExecResult, ExecSession, open_session, relay_exec, run_exec
+from .execs import (
+    ExecResult,
+    ExecSession,
+    check_signal,
+    job_request,
+    open_session,
+    relay_exec,
+    run_exec,
+)
 from .fsops import REPLY_TYPES, read_file, simple_request, write_file
+from .logs import SandboxLog, log_dir
 from .mailbox import Actor, Handler
 from .state import SandboxStatus, Watch
 
@@ -58,6 +71,7 @@ __all__ = [
     "POLL_INTERVAL",
     "Describe",
     "Drain",
+    "GetMetrics",
     "Kill",
     "OpenExecStream",
     "Release",
@@ -105,6 +119,10 @@ class OpenExecStream(msgspec.Struct, frozen=True, kw_only=True):
     exec: Exec
 
 
+class GetMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """Resource usage now: the driver's ``SandboxProcess.metrics()`` (running only)."""
+
+
 class Describe(msgspec.Struct, frozen=True, kw_only=True):
     """Answered at once (no I/O) with a :class:`SandboxInfo`."""
 
@@ -120,6 +138,7 @@ class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     detached: bool = False
     pid: int | None = None
+    last_error: str | None = None
 
 
 def _timeout_for_grace(grace: float) -> float:
@@ -156,6 +175,8 @@ class SandboxActor(Actor):
         self._ops: set[trio.CancelScope] = set()
         self.active = Watch(0)
         """Requests in flight (execs, exec streams, fs ops)."""
+        self.log = SandboxLog(log_dir(driver, spec.name))
+        """The sandbox log (job output, agent and lifecycle events); see actors/logs.py."""
         op = functools.partial(Handler, concurrent=True)
         life = functools.partial(Handler, concurrent=True, cancellable=False)
         self._handlers: dict[type, Handler] = {
@@ -163,6 +184,11 @@ class SandboxActor(Actor):
             FsRead: op(self._on_fs_read),
             FsWrite: op(self._on_fs_write),
             OpenExecStream: op(self._on_exec_stream),
+            JobStart: op(self._on_job),
+            JobList: op(self._on_job),
+            JobWait: op(self._on_job),
+            JobKill: op(self._on_job),
+            GetMetrics: op(self._on_metrics),
             Stop: life(self._on_stop),
             Kill: life(self._on_kill),
             Drain: life(self._on_drain),
@@ -187,6 +213,7 @@ class SandboxActor(Actor):
             created_at=self.created_at,
             detached=self.spec.detached,
             pid=None if self.proc is None else self.proc.pid,
+            last_error=self.log.limit_error,
         )
 
     # -- the actor's task ------------------------------------------------------------------
@@ -211,6 +238,7 @@ class SandboxActor(Actor):
                 if channel is not None:
                     nursery.start_soon(channel.run)
                     nursery.start_soon(self._watch_channel, channel)
+                    self.log.start(nursery, channel, self.proc)
                 nursery.start_soon(self._watch_process, self.proc)
                 self.status.set(SandboxStatus.RUNNING)
                 self.started = True
@@ -238,6 +266,7 @@ class SandboxActor(Actor):
             self.exit_status = self.proc.exit_status
         if not self._released and not self.status.value.terminal:
             self.status.set(SandboxStatus.CRASHED if failed else SandboxStatus.STOPPED)
+        self.log.close()
 
     async def _watch_process(self, proc: SandboxProcess) -> None:
         status = await proc.wait()
@@ -265,13 +294,16 @@ class SandboxActor(Actor):
         for scope in list(self._ops):
             scope.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            await self.log.settle(self.channel, self.proc)
             if self.channel is not None:
                 await self.channel.aclose()
+            await self.log.drained()
             if self.proc is not None and not self._released:
                 await self.proc.cleanup()
         if self.proc is not None and self.proc.exit_status is not None:
             self.exit_status = self.proc.exit_status
         self.status.set(final)
+        self.log.ended(final, reason)
 
     # -- requests (concurrent) ---------------------------------------------------------------
     def _require_channel(self) -> AgentChannel | None:
@@ -337,7 +369,19 @@ class SandboxActor(Actor):
 
     async def _on_exec(self, msg: Exec) -> ExecResult:
         _check_exec(msg)
-        return await self._op(run_exec, msg)
+        result = await self._op(run_exec, msg)
+        self.log.note_exit(result.exit_code, f"exec {msg.cmd!r}")
+        return result
+
+    async def _on_job(self, msg: JobStart | JobList | JobWait | JobKill) -> Message:
+        if isinstance(msg, JobKill):
+            check_signal(msg.signal)
+        return await self._op(job_request, msg)
+
+    async def _on_metrics(self, msg: GetMetrics) -> object:
+        self._require_channel()
+        assert self.proc is not None
+        return await self.proc.metrics()
 
     async def _on_fs_read(self, msg: FsRead) -> FsData:
         return await self._op(read_file, msg)
@@ -379,6 +423,8 @@ class SandboxActor(Actor):
         finally:
             if sessions:
                 sessions[0].closed.set()
+                if sessions[0].exited is not None:
+                    self.log.note_exit(sessions[0].exited.exit_code, f"exec {request.cmd!r}")
 
     # -- lifecycle (serialised; kill escalates) ----------------------------------------------
     async def _on_stop(self, msg: Stop) -> Ok:

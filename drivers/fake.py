@@ -27,7 +27,7 @@ import dataclasses
 import signal as _signal
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.testing
@@ -56,6 +56,11 @@ from ..protocol import (
 from .base import Driver, ExitStatus, SandboxProcess, SandboxSpec
 from .fake_exec import FakeExec
 from .fake_fs import FakeFs
+from .fake_jobs import REQUESTS as JOB_REQUESTS
+from .fake_jobs import FakeJobs
+
+if TYPE_CHECKING:
+    from .local.metrics import SandboxMetrics
 
 __all__ = ["FakeAgent", "FakeBehaviour", "FakeDriver", "FakeExec", "FakeSandboxProcess"]
 
@@ -167,9 +172,14 @@ class FakeSandboxProcess(SandboxProcess):
         self.events: list[tuple[float, str]] = []
         self.agents: list[FakeAgent] = []
         self.execs: list[FakeExec] = []
+        self.jobs = FakeJobs(self)
+        """Detached jobs and the log ring (drivers/fake_jobs.py)."""
+        self.limit_note: str | None = None
+        """What ``limit_report()`` says (a test sets it to play an OOM kill)."""
         self.cleaned_up = False
         self._exit: ExitStatus | None = None
         self._exited = trio.Event()
+        self._spawned_at = trio.current_time()
         self.record("spawn")
 
     def __repr__(self) -> str:
@@ -184,6 +194,28 @@ class FakeSandboxProcess(SandboxProcess):
     @property
     def exit_status(self) -> ExitStatus | None:
         return self._exit
+
+    def limit_report(self) -> str | None:
+        return self.limit_note
+
+    async def metrics(self) -> SandboxMetrics:
+        """Made-up but consistent numbers: 1 MiB and one pid per live command, plus the
+        agent's."""
+        from .local.metrics import SandboxMetrics
+
+        await trio.lowlevel.checkpoint()
+        if self._exit is not None:
+            raise AgentGone(f"sandbox {self.name!r} is not running")
+        live = sum(1 for e in self.execs if not e.finished.is_set())
+        limit = self.spec.memory_mib
+        return SandboxMetrics(
+            cpu_percent=float(live),
+            memory_bytes=(1 + live) << 20,
+            memory_limit_bytes=None if limit is None else limit << 20,
+            pids=1 + live,
+            uptime_s=trio.current_time() - self._spawned_at,
+            source="fake",
+        )
 
     async def wait(self) -> ExitStatus:
         await self._exited.wait()
@@ -242,6 +274,7 @@ class FakeSandboxProcess(SandboxProcess):
     async def shutdown(self, grace: float) -> None:
         """What the agent does on Shutdown: SIGTERM sessions, wait ``grace``, exit 0."""
         self.record("shutdown")
+        await self.jobs.log.append("system", f"agent shutting down (grace {grace:g}s)")
         live = [e for e in self.execs if not e.finished.is_set()]
         for session in live:
             session.deliver(SIGTERM)
@@ -318,8 +351,12 @@ class FakeAgent:
                 self.sessions[id] = new
                 self.proc.execs.append(new)
                 nursery.start_soon(new.run)
+            elif isinstance(msg, JOB_REQUESTS):
+                nursery.start_soon(self.proc.jobs.request, self, id, msg)
             else:
                 nursery.start_soon(self._request, id, msg)
+            return
+        if self.proc.jobs.follow_up(self, id, msg):
             return
         session = self.sessions.get(id)
         if session is not None:
