@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import inspect
 import os
 import re
@@ -473,14 +472,11 @@ async def do_exec(sup: Any, args: argparse.Namespace) -> int:
     env = parse_env(args.env)
     sb = await get_sandbox(sup, args.name)
     if args.tty:
-        try:  # written by another module's owner; imported by name until it lands
-            attach = importlib.import_module("corral.cli.attach").attach
-        except ModuleNotFoundError as exc:
-            if exc.name != "corral.cli.attach":
-                raise
-            raise Unsupported("corral exec -t", "when corral.cli.attach lands") from None
-        code = await attach(sb, cmd[0], cmd[1:], tty=True)
-        return int(code)
+        if args.timeout is not None:
+            raise InvalidConfig("corral exec: --timeout does not go with -t")
+        from .attach import attach
+
+        return await attach(sb, cmd[0], cmd[1:], tty=True, env=env, cwd=args.workdir)
     return await stream_exec(
         sb, cmd, env=env, cwd=args.workdir, timeout=args.timeout, stdin=args.interactive
     )

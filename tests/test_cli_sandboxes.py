@@ -357,20 +357,23 @@ async def test_logs_and_metrics_without_the_api_are_unsupported() -> None:
 
 
 async def test_exec_tty_goes_through_attach(monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.cli import attach as attach_module
+
     seen: list[tuple[Any, ...]] = []
 
-    async def attach(sb: Any, cmd: str, args: list[str], *, tty: bool) -> int:
+    async def attach(sb: Any, cmd: str, args: list[str], *, tty: bool, **kw: Any) -> int:
         await trio.lowlevel.checkpoint()
-        seen.append((sb, cmd, args, tty))
+        seen.append((sb, cmd, args, tty, kw))
         return 7
 
-    module = types.ModuleType("corral.cli.attach")
-    module.attach = attach  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "corral.cli.attach", module)
+    monkeypatch.setattr(attach_module, "attach", attach)
     sb = types.SimpleNamespace(name="stub")
     with trio.fail_after(10):
-        assert await call(StubSup(sb), ["exec", "-it", "stub", "--", "sh", "-l"]) == 7
-    assert seen == [(sb, "sh", ["-l"], True)]
+        argv = ["exec", "-it", "-e", "A=1", "stub", "-w", "/tmp", "--", "sh", "-l"]
+        assert await call(StubSup(sb), argv) == 7
+        assert seen == [(sb, "sh", ["-l"], True, {"env": {"A": "1"}, "cwd": "/tmp"})]
+        with pytest.raises(corral.InvalidConfig, match="--timeout does not go with -t"):
+            await call(StubSup(sb), ["exec", "-t", "--timeout", "1", "stub", "--", "sh"])
 
 
 # -- exec on real sandboxes ----------------------------------------------------------------------
