@@ -34,6 +34,7 @@ microsandbox seed's errors (``SandboxNotFound``, ``SandboxAlreadyExists``,
         ├── FsPermissionDenied
         ├── FsIsADirectory
         ├── FsNotADirectory
+        ├── FsNotEmpty              a directory removed without recursive
         └── FsPathEscape            a host-side path left its allowed root
 
 Errors cross the agent channel as ``ErrorReply(code, message, errno)``: each class has a
@@ -60,6 +61,7 @@ __all__ = [
     "FsAlreadyExists",
     "FsIsADirectory",
     "FsNotADirectory",
+    "FsNotEmpty",
     "FsNotFound",
     "FsPathEscape",
     "FsPermissionDenied",
@@ -237,6 +239,10 @@ class FsNotADirectory(FsError, NotADirectoryError):
     code = "fs_not_a_directory"
 
 
+class FsNotEmpty(FsError, OSError):
+    code = "fs_not_empty"
+
+
 class FsPathEscape(FsError, PermissionError):
     code = "fs_path_escape"
 
@@ -271,7 +277,7 @@ _ERRNO_TO_FS: dict[int, type[FsError]] = {
     _errno.EROFS: FsPermissionDenied,
     _errno.EISDIR: FsIsADirectory,
     _errno.ENOTDIR: FsNotADirectory,
-    _errno.ENOTEMPTY: FsAlreadyExists,
+    _errno.ENOTEMPTY: FsNotEmpty,
 }
 
 

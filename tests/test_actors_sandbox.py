@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+import corral
 from corral.actors.execs import EXEC_TIMEOUT_MARGIN, ExecResult
 from corral.actors.sandbox import Describe, SandboxInfo
 from corral.actors.state import SandboxStatus
@@ -303,7 +304,7 @@ async def test_fs_operations_and_typed_errors() -> None:
             await fs.read("/data")
         with pytest.raises(FsAlreadyExists):
             await fs.mkdir("/data")
-        with pytest.raises(FsAlreadyExists):  # ENOTEMPTY maps to FsAlreadyExists
+        with pytest.raises(corral.FsNotEmpty):
             await fs.remove("/data/x")
         await fs.remove("/data/x", recursive=True)
         assert not await fs.exists("/data/x/y/f")

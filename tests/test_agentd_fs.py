@@ -161,7 +161,7 @@ async def test_remove(client: AgentClient, tmp_path: Path) -> None:
     assert await call(client, FsRemove(path=str(tmp_path / "f"))) == Ok()
     assert await call(client, FsRemove(path=str(tmp_path / "dangling"))) == Ok()
     not_empty = await call(client, FsRemove(path=str(tmp_path / "t")))
-    assert error(not_empty)[1] == errno.ENOTEMPTY
+    assert error(not_empty) == ("fs_not_empty", errno.ENOTEMPTY)
     assert await call(client, FsRemove(path=str(tmp_path / "t"), recursive=True)) == Ok()
     assert sorted(os.listdir(tmp_path)) == []
 

@@ -105,7 +105,7 @@ async def test_every_operation_and_its_typed_error(local_sup: corral.Supervisor)
             await fs.mkdir(f"{W}/d")
         with pytest.raises(corral.FsAlreadyExists):
             await fs.symlink("x", f"{W}/a.txt")
-        with pytest.raises(corral.FsError) as not_empty:
+        with pytest.raises(corral.FsNotEmpty) as not_empty:
             await fs.remove(f"{W}/d")
         assert not_empty.value.errno == errno.ENOTEMPTY
         with pytest.raises(corral.FsPermissionDenied):
