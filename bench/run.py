@@ -121,6 +121,23 @@ def _revision() -> str:
     return f"git {head}" + (f" + uncommitted changes in {changed} files" if changed else "")
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process and the children it has waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def _loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -210,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(quick=args.quick, big=args.big, root=root)
     problems: list[str] = []
     clock = time.perf_counter()
+    busy, own = _busy_seconds(), _own_seconds()
     try:
         interrupted = trio.run(_main, ctx, args.families, problems)
     except BaseException as exc:
@@ -223,12 +241,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("interrupted: partial results above, nothing written")
         return 130
     took = time.perf_counter() - clock
+    others = max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own))
     print(table(ctx.rows))
     checks = [
         f"Code measured: {_revision()}.",
         "",
-        f"Load average (1 min) at the start {load_start}, at the end {_loadavg()}: other work "
-        "on the machine shows as noise, and the ratios are what to quote.",
+        f"Load average (1 min) at the start {load_start}, at the end {_loadavg()}. Processes "
+        f"other than this run and its children used about {others / took:.2f} of the "
+        f"{os.cpu_count()} cores on average ({others:.0f} CPU-s in {took:.0f} s): such work "
+        "shows as noise, and the ratios to same-run baselines are what to quote.",
         "",
         f"Run time: {took:.0f} s. Processes left behind after each benchmark "
         "(descendants of the runner, or naming its temp dir, checked in /proc): "
