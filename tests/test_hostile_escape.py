@@ -435,10 +435,10 @@ async def test_mount_unshare_and_nested_sandboxes_are_refused(sup: corral.Superv
     with trio.fail_after(STEP):
         sb = await sup.create(f"ns-{uuid.uuid4().hex[:6]}")
         out = await py(sb, NAMESPACES)
-        for result in out.stdout.decode().split():
-            _, status = result.split("=")
-            assert not status.endswith(":ok"), result
-            assert status.split(":")[1] in ("EPERM", "EACCES", "EINVAL", "ENOSYS"), result
+        for call in out.stdout.decode().split():
+            _, status = call.split("=")
+            assert not status.endswith(":ok"), call
+            assert status.split(":")[1] in ("EPERM", "EACCES", "EINVAL", "ENOSYS"), call
         for script in (
             "mount -t tmpfs none /tmp",
             "mount --bind /workspace /tmp",
