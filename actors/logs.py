@@ -456,6 +456,8 @@ class SandboxLog:
         self._proc: SandboxProcess | None = None
         self._pump_done = trio.Event()
         self._pump_done.set()
+        self._exits: deque[int] = deque(maxlen=1024)  # jobs whose "exited" entry is stored
+        self._lot = trio.lowlevel.ParkingLot()
 
     def start(self, nursery: trio.Nursery, channel: AgentChannel, proc: SandboxProcess) -> None:
         """A new incarnation runs: note it and pump its agent's log."""
@@ -469,12 +471,23 @@ class SandboxLog:
                 await run_log_pump(channel, self.store, self._on_entry)
             finally:
                 done.set()
+                self._lot.unpark_all()
 
         nursery.start_soon(pump)
 
     def _on_entry(self, entry: LogEntry) -> None:
-        if entry.stream == "system" and entry.exit_code == 137:
-            self.note_exit(137, f"job {entry.job}")
+        if entry.stream == "system" and entry.job is not None and entry.exit_code is not None:
+            self._exits.append(entry.job)
+            self._lot.unpark_all()
+            if entry.exit_code == 137:
+                self.note_exit(137, f"job {entry.job}")
+
+    async def job_logged(self, job: int) -> None:
+        """Wait (bounded) until job ``job``'s "exited" entry is stored, so its output is
+        in the log when ``Job.wait()`` returns (its frames may still be on their way)."""
+        with trio.move_on_after(LOG_SETTLE):
+            while job not in self._exits and not self._pump_done.is_set():
+                await self._lot.park()
 
     def note_exit(self, exit_code: int | None, what: str) -> None:
         """After a command exits 137: record what limit the sandbox hit, if any."""
