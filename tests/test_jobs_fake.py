@@ -220,4 +220,3 @@ async def test_a_bad_signal_for_an_exec_stream_is_invalid_config(
             assert await proc.wait() == 143
         (session,) = driver.processes["a"].execs
         assert session.signals == [signal.SIGTERM]
-
