@@ -9,8 +9,9 @@ it cannot fill the host's disk through them: they live in ``<sandbox dir>/logs/`
 :mod:`.logfiles` for the format). A store without a directory (the fake driver) keeps
 the same amount in memory.
 
-Reading: :meth:`LogStore.read` (``tail``/``since``) and :meth:`LogStore.follow` (an
-async iterator woken by appends, no polling). :class:`SandboxLog` is what a sandbox
+Appends are plain ``write`` calls (to the page cache) in the caller's thread. Reading:
+:meth:`LogStore.read` (``tail``/``since``) and :meth:`LogStore.follow` (an async iterator
+woken by appends, no polling). :class:`SandboxLog` is what a sandbox
 actor keeps: the store, its pump, and the notes it makes (started, stopped, limits hit).
 """
 
@@ -61,6 +62,7 @@ __all__ = [
     "LogStore",
     "SandboxLog",
     "follow_log",
+    "keep_logs",
     "log_dir",
     "log_limits",
     "pump_logs",
@@ -71,9 +73,10 @@ __all__ = [
 MAX_RECORD_DATA = 64 * 1024
 """Data beyond this in one agent entry is cut (the agent's chunks are this size)."""
 STREAMS = frozenset({"stdout", "stderr", "system"})
-RECENT = 4096
-RECENT_BYTES = 4 << 20
-"""Records kept in memory for followers (a follower further behind reads the files)."""
+RECENT = 1024
+RECENT_BYTES = 256 * 1024
+"""Records kept in memory per sandbox, for followers and tail reads (anything further
+back is read from the files, in a thread). Small: a server may hold thousands."""
 ACK_DELAY = 0.05
 """How long the pump waits for more entries before acknowledging what it stored."""
 
@@ -410,6 +413,22 @@ async def run_log_pump(
         await pump_logs(channel, store, on_entry=on_entry)
     except CorralError:
         pass
+
+
+async def keep_logs(channel: AgentChannel, directory: str | os.PathLike[str]) -> None:
+    """Store a running sandbox's log in ``directory`` for as long as ``channel`` lives:
+    for a process that takes over a sandbox another one started (a detached sandbox's
+    keeper). Resumes after the last agent entry the files hold (right when it is the
+    same agent, i.e. the sandbox was not started again in between)."""
+    file_bytes, files = log_limits()
+    store = LogStore(directory, file_bytes=file_bytes, files=files)
+    try:
+        after = await trio.to_thread.run_sync(store.last_agent_seq)
+        await pump_logs(channel, store, after=after)
+    except CorralError:
+        pass
+    finally:
+        store.close()
 
 
 # -- what a sandbox actor keeps ----------------------------------------------------------------

@@ -246,3 +246,32 @@ async def test_exec_start_failures_are_logged(client: AgentClient) -> None:
         frame = await client.recv(sub)
     assert isinstance(frame.msg, LogEntry) and frame.msg.stream == "system"
     assert frame.msg.data == b"exec failed to start: /nope: command not found"
+
+
+async def test_keep_logs_stores_and_resumes_without_duplicates(tmp_path: Path) -> None:
+    from corral.actors.channel import AgentChannel
+    from corral.actors.logfiles import follow_log, read_log
+    from corral.actors.logs import keep_logs
+
+    where = tmp_path / "logs"
+
+    async def keep_until(agent_socket: str, text: bytes) -> None:
+        stream = await trio.open_unix_socket(agent_socket)
+        async with AgentChannel.open(stream) as channel, trio.open_nursery() as nursery:
+            nursery.start_soon(keep_logs, channel, where)
+            job = await channel.request(JobStart(cmd="echo", args=[text.decode()]))
+            assert isinstance(job, JobStarted)
+            async for record in follow_log(where, interval=0.01):
+                if record.data == text + b"\n":
+                    break
+            nursery.cancel_scope.cancel()
+
+    with trio.fail_after(20):
+        async with spawn_agent(cwd=str(tmp_path)) as agent:
+            await keep_until(agent.socket_path, b"first")
+            await keep_until(agent.socket_path, b"second")
+    records = read_log(where)
+    outputs = [r.data for r in records if r.stream == "stdout"]
+    assert outputs == [b"first\n", b"second\n"]
+    agent_seqs = [r.agent_seq for r in records]
+    assert agent_seqs == sorted(set(agent_seqs))  # nothing stored twice
