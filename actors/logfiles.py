@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections import deque
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_FILES",
     "DEFAULT_FILE_BYTES",
     "LOG_FILE",
+    "LogFileFollower",
     "LogRecord",
     "decode_records",
     "encode_record",
@@ -164,81 +165,122 @@ def read_log(
 
 
 class _Tailer:
-    """Reads records appended to the current log file since the last poll."""
+    """Reads what was appended to the current log file since the last poll.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = -1
+    Holds no file open between polls: it remembers the current file's inode and how far
+    it read. After a rotation it finishes the old file (now ``sandbox.log.1``) first."""
+
+    def __init__(self, directory: Path, files: int) -> None:
+        self.directory = directory
+        self.files = files
         self.ino = -1
+        self.offset = 0
         self.buf = b""
 
     def poll(self) -> list[LogRecord]:
         out: list[LogRecord] = []
         try:
-            ino = os.stat(self.path).st_ino
+            fd = os.open(self.directory / LOG_FILE, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            ino = -1
-        if self.fd >= 0 and ino != self.ino:  # rotated: finish the old file first
-            out += self._drain()
-            self.close()
-        if self.fd < 0 and ino >= 0:
-            try:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return out
-            self.ino = os.fstat(self.fd).st_ino
-        if self.fd >= 0:
-            out += self._drain()
+            return out
+        try:
+            ino = os.fstat(fd).st_ino
+            if ino != self.ino:
+                if self.ino != -1:
+                    out += self._finish_old()
+                self.ino, self.offset, self.buf = ino, 0, b""
+            out += self._read(fd)
+        finally:
+            os.close(fd)
         return out
 
-    def _drain(self) -> list[LogRecord]:
-        while chunk := os.read(self.fd, 1 << 20):
+    def _finish_old(self) -> list[LogRecord]:
+        for path in log_paths(self.directory, self.files)[:-1]:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                if os.fstat(fd).st_ino == self.ino:
+                    return self._read(fd)
+            finally:
+                os.close(fd)
+        return []  # rotated away entirely: the caller sees the gap in seqs
+
+    def _read(self, fd: int) -> list[LogRecord]:
+        os.lseek(fd, self.offset, os.SEEK_SET)
+        while chunk := os.read(fd, 1 << 20):
             self.buf += chunk
+            self.offset += len(chunk)
         records, used = _decode(self.buf)
         self.buf = self.buf[used:]
         return records
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
-        self.buf = b""
+
+class LogFileFollower:
+    """``async for record in follow_log(directory)``: see :func:`follow_log`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        tail: int | None,
+        since: float | None,
+        files: int,
+        interval: float,
+    ) -> None:
+        self.directory = directory
+        self.tail = tail
+        self.since = since
+        self.files = files
+        self.interval = interval
+        self._tailer = _Tailer(directory, files)
+        self._backlog: deque[LogRecord] = deque()
+        self._last: int | None = None
+
+    def __aiter__(self) -> LogFileFollower:
+        return self
+
+    async def __anext__(self) -> LogRecord:
+        if self._last is None:
+            first = await trio.to_thread.run_sync(self._first)
+            self._backlog.extend(first)
+            self._last = first[-1].seq if first else 0
+        while not self._backlog:
+            await self._poll()
+            if not self._backlog:
+                await trio.sleep(self.interval)
+        record = self._backlog.popleft()
+        self._last = max(self._last, record.seq)
+        return record
+
+    def _first(self) -> list[LogRecord]:
+        self._tailer.poll()  # from here on, only what is appended
+        records = read_fds(open_all(self.directory, self.files))
+        return select_records(records, self.tail, self.since)
+
+    async def _poll(self) -> None:
+        assert self._last is not None
+        fresh = [r for r in await trio.to_thread.run_sync(self._tailer.poll) if r.seq > self._last]
+        if fresh and fresh[0].seq > self._last + 1 and self._last:
+            every = await trio.to_thread.run_sync(read_fds, open_all(self.directory, self.files))
+            fresh = [r for r in every if r.seq > self._last]
+        if fresh:
+            self._last = fresh[-1].seq
+        self._backlog.extend(select_records(fresh, None, self.since))
 
 
-async def follow_log(
+def follow_log(
     directory: str | os.PathLike[str],
     *,
     tail: int | None = None,
     since: float | datetime | None = None,
     files: int = DEFAULT_FILES,
     interval: float = FOLLOW_POLL,
-) -> AsyncIterator[LogRecord]:
+) -> LogFileFollower:
     """Follow a sandbox log written by another process (polls every ``interval``).
 
     Yields what ``read_log`` gives, then every record appended later, reading only what
     is new in the current file (all the files again if it rotated more than once between
-    two polls); runs until the caller stops iterating.
+    two polls); runs until the caller stops iterating. Holds no file open between steps.
     """
-    path = Path(directory)
-    cutoff = check_since(since)
-    last = 0
-    tailer = _Tailer(path / LOG_FILE)
-    try:
-        first = await trio.to_thread.run_sync(
-            lambda: read_log(path, tail=tail, since=since, files=files)
-        )
-        for record in first:
-            last = record.seq
-            yield record
-        while True:
-            fresh = await trio.to_thread.run_sync(tailer.poll)
-            fresh = [r for r in fresh if r.seq > last]
-            if fresh and fresh[0].seq > last + 1 and last:
-                everything = await trio.to_thread.run_sync(lambda: read_fds(open_all(path, files)))
-                fresh = [r for r in everything if r.seq > last]
-            for record in select_records(fresh, None, cutoff):
-                last = record.seq
-                yield record
-            await trio.sleep(interval)
-    finally:
-        tailer.close()
+    return LogFileFollower(Path(directory), check_tail(tail), check_since(since), files, interval)

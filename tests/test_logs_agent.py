@@ -273,5 +273,5 @@ async def test_keep_logs_stores_and_resumes_without_duplicates(tmp_path: Path) -
     records = read_log(where)
     outputs = [r.data for r in records if r.stream == "stdout"]
     assert outputs == [b"first\n", b"second\n"]
-    agent_seqs = [r.agent_seq for r in records]
-    assert agent_seqs == sorted(set(agent_seqs))  # nothing stored twice
+    agent_seqs = [r.agent_seq or 0 for r in records]
+    assert 0 not in agent_seqs and agent_seqs == sorted(set(agent_seqs))  # none twice
