@@ -28,6 +28,7 @@ from .actors.sandbox import (
     OpenExecStream,
     SandboxActor,
     SandboxInfo,
+    Start,
     Stop,
 )
 from .actors.state import SandboxStatus
@@ -244,8 +245,15 @@ class Sandbox:
         """The stop ladder: Shutdown, ``timeout``, SIGTERM, 5 s, SIGKILL, 5 s."""
         await self._actor.ask_as(Stop(timeout=timeout), Ok)
 
-    async def kill(self) -> None:
-        await self._actor.ask_as(Kill(), Ok)
+    async def kill(self, timeout: float = 5.0) -> None:
+        """SIGKILL now; Runtime if it is not seen gone within ``timeout`` seconds."""
+        if not timeout > 0:
+            raise InvalidConfig(f"timeout must be greater than 0, got {timeout!r}")
+        await self._actor.ask_as(Kill(timeout=timeout), Ok)
+
+    async def start(self) -> None:
+        """Start a sandbox created with ``start=False`` (or stopped, or crashed) again."""
+        await self._actor.ask_as(Start(), Ok)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Refuse new work, let running work finish (up to ``timeout``), then stop."""

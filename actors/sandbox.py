@@ -41,7 +41,6 @@ from ..protocol import (
     FsRead,
     FsWrite,
     FsWritten,
-    JobExited,
     JobKill,
     JobList,
     JobStart,
@@ -78,6 +77,7 @@ __all__ = [
     "Release",
     "SandboxActor",
     "SandboxInfo",
+    "Start",
     "Stop",
 ]
 
@@ -104,7 +104,13 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Kill(msgspec.Struct, frozen=True, kw_only=True):
-    """SIGKILL now; wait up to the kill timeout to see it gone."""
+    """SIGKILL now; wait up to ``timeout`` (the kill timeout) to see it gone."""
+
+    timeout: float = DEFAULT_KILL_TIMEOUT
+
+
+class Start(msgspec.Struct, frozen=True, kw_only=True):
+    """Start a sandbox that is ``created``, ``stopped`` or ``crashed`` (again)."""
 
 
 class Drain(msgspec.Struct, frozen=True, kw_only=True):
@@ -139,7 +145,15 @@ class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     detached: bool = False
     pid: int | None = None
+    ephemeral: bool = False
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    owner_pid: int | None = None
+    started_at: datetime | None = None
+    stopped_at: datetime | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
     last_error: str | None = None
+    restarts: int = 0
 
 
 def _timeout_for_grace(grace: float) -> float:
@@ -154,14 +168,38 @@ def _check_exec(msg: Exec) -> None:
 
 
 class SandboxActor(Actor):
-    priority = frozenset({Stop, Kill, Drain, Shutdown, Describe, Release})
+    priority = frozenset({Stop, Kill, Drain, Shutdown, Describe, Release, Start})
 
-    def __init__(self, spec: SandboxSpec, driver: Driver) -> None:
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        driver: Driver,
+        *,
+        opener: Callable[[], Awaitable[SandboxProcess]] | None = None,
+        status: SandboxStatus = SandboxStatus.CREATED,
+        created_at: datetime | None = None,
+        elapsed: float = 0.0,
+    ) -> None:
+        """``opener`` replaces ``driver.spawn`` for the first start (attach to a sandbox
+        that already runs; ``elapsed``: for how long, for its max_duration). ``status``:
+        where a sandbox that is not started yet stands (created, stopped or crashed)."""
         super().__init__(spec.name)
         self.spec = spec
         self.driver = driver
-        self.created_at = datetime.now(UTC)
-        self.status: Watch[SandboxStatus] = Watch(SandboxStatus.CREATED)
+        self.created_at = datetime.now(UTC) if created_at is None else created_at
+        self.status: Watch[SandboxStatus] = Watch(status)
+        self._opener = opener
+        self._elapsed = elapsed
+        self._incarnation = 0
+        self._timers: list[trio.CancelScope] = []
+        self._last_activity = 0.0
+        self.stop_reason = ""
+        """Why the sandbox stopped by itself (idle timeout, max duration), if it did."""
+        self.before_start: Callable[[], None] | None = None
+        """Called (under the lifecycle lock) before a later start; may raise to refuse."""
+        self.stopped_elsewhere: Callable[[], bool] | None = None
+        """Asked when the sandbox ends without this actor stopping it: True means someone
+        else (another process) stopped it, so it is ``stopped``, not ``crashed``."""
         self.proc: SandboxProcess | None = None
         self.channel: AgentChannel | None = None
         self.exit_status: ExitStatus | None = None
@@ -192,6 +230,7 @@ class SandboxActor(Actor):
             GetMetrics: op(self._on_metrics),
             Stop: life(self._on_stop),
             Kill: life(self._on_kill),
+            Start: life(self._on_start),
             Drain: life(self._on_drain),
             Shutdown: life(self._on_shutdown),
             Describe: Handler(self._on_describe),
@@ -214,34 +253,37 @@ class SandboxActor(Actor):
             created_at=self.created_at,
             detached=self.spec.detached,
             pid=None if self.proc is None else self.proc.pid,
-            last_error=self.log.limit_error,
+            ephemeral=self.spec.ephemeral,
+            labels=dict(self.spec.labels),
+            exit_code=None if self.exit_status is None else self.exit_status.code,
+            exit_signal=None if self.exit_status is None else self.exit_status.signal,
+            last_error=self.last_error,
         )
+
+    @property
+    def last_error(self) -> str | None:
+        """Why it crashed, or why it stopped by itself (None when neither)."""
+        if self._final is SandboxStatus.CRASHED and self._crash_reason:
+            return self._crash_reason
+        return self.stop_reason or self.log.limit_error or None
 
     # -- the actor's task ------------------------------------------------------------------
     async def run(
         self,
         *,
+        start: bool = True,
         on_ready: Callable[[], None] | None = None,
         task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Start the sandbox, report ready, serve the mailbox; always clean up."""
+        """Start the sandbox (``start=False``: it waits for a :class:`Start`), report
+        ready, serve the mailbox; always clean up."""
         failed = False
         try:
-            self.status.set(SandboxStatus.STARTING)
-            self.proc = await self.driver.spawn(self.spec)
-            channel = None
-            if not self.proc.reconnectable:  # a reconnectable one connects on first use
-                stream = await self.proc.connect()
-                self.channel = channel = AgentChannel(stream, label=f"sandbox {self.name!r}")
-                await channel.handshake()
+            channel = await self._boot() if start else None
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if channel is not None:
-                    nursery.start_soon(channel.run)
-                    nursery.start_soon(self._watch_channel, channel)
-                    self.log.start(nursery, channel, self.proc)
-                nursery.start_soon(self._watch_process, self.proc)
-                self.status.set(SandboxStatus.RUNNING)
+                if start:
+                    self._launch(nursery, channel)
                 self.started = True
                 if on_ready is not None:
                     on_ready()
@@ -257,6 +299,103 @@ class SandboxActor(Actor):
             self._shut_mailbox()
             self.finished.set()
 
+    async def _boot(self) -> AgentChannel | None:
+        """Spawn (or attach to) the process and open its channel; status ``starting``."""
+        self._incarnation += 1
+        self._stopping = self._finishing = False
+        self._final = None
+        self._crash_reason = self.stop_reason = ""
+        self.exit_status = None
+        self.channel = None
+        self.status.set(SandboxStatus.STARTING)
+        opener, self._opener = self._opener, None
+        self.proc = await (opener() if opener is not None else self.driver.spawn(self.spec))
+        if self.proc.reconnectable:  # a reconnectable one connects on first use
+            return None
+        stream = await self.proc.connect()
+        self.channel = channel = AgentChannel(stream, label=f"sandbox {self.name!r}")
+        await channel.handshake()
+        return channel
+
+    def _launch(self, nursery: trio.Nursery, channel: AgentChannel | None) -> None:
+        """The tasks of one incarnation (channel, watchers, timers); status ``running``."""
+        assert self.proc is not None
+        gen = self._incarnation
+        if channel is not None:
+            nursery.start_soon(channel.run)
+            nursery.start_soon(self._watch_channel, channel, gen)
+            self.log.start(nursery, channel, self.proc)
+        nursery.start_soon(self._watch_process, self.proc, gen)
+        elapsed, self._elapsed = self._elapsed, 0.0
+        self._timers = [trio.CancelScope(), trio.CancelScope()]
+        if self.spec.idle_timeout is not None:
+            nursery.start_soon(self._idle_timer, self._timers[0], self.spec.idle_timeout)
+        if self.spec.max_duration is not None:
+            left = self.spec.max_duration - elapsed
+            nursery.start_soon(self._duration_timer, self._timers[1], left)
+        self._last_activity = trio.current_time()
+        self.status.set(SandboxStatus.RUNNING)
+
+    async def start(self) -> None:
+        """Start a created, stopped or crashed sandbox; a no-op when it runs already."""
+        async with self._lifecycle:
+            status = self.status.value
+            if status is not SandboxStatus.CREATED and not status.terminal:
+                await trio.lowlevel.checkpoint()
+                return
+            if self.before_start is not None:
+                self.before_start()
+            assert self._nursery is not None
+            try:
+                channel = await self._boot()
+            except BaseException as exc:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                    if self.channel is not None:
+                        await self.channel.aclose()
+                    if self.proc is not None:
+                        await self.proc.cleanup()
+                if self.proc is not None and self.proc.exit_status is not None:
+                    self.exit_status = self.proc.exit_status
+                self._finishing = True
+                self._final = SandboxStatus.CRASHED
+                self._crash_reason = f"start failed: {exc}"
+                self.status.set(SandboxStatus.CRASHED)
+                raise
+            self._launch(self._nursery, channel)
+
+    async def _on_start(self, msg: Start) -> Ok:
+        await self.start()
+        return Ok()
+
+    async def _idle_timer(self, scope: trio.CancelScope, timeout: float) -> None:
+        with scope:
+            while True:
+                if self.active.value > 0:
+                    await self.active.wait_for(lambda n: n == 0)
+                    continue
+                deadline = self._last_activity + timeout
+                if trio.current_time() >= deadline:
+                    break
+                await trio.sleep_until(deadline)
+        if not scope.cancel_called:
+            await self._timed_stop(f"idle for {timeout:g}s (idle_timeout)")
+
+    async def _duration_timer(self, scope: trio.CancelScope, seconds: float) -> None:
+        with scope:
+            await trio.sleep(max(0.0, seconds))
+        if not scope.cancel_called:
+            await self._timed_stop(f"ran for {self.spec.max_duration:g}s (max_duration)")
+
+    async def _timed_stop(self, reason: str) -> None:
+        if self._stopping or self._finishing:
+            return
+        self.stop_reason = reason
+        logger.info("sandbox %r: stopping: %s", self.name, reason)
+        try:
+            await self.stop(DEFAULT_STOP_TIMEOUT)
+        except CorralError as exc:
+            logger.warning("sandbox %r: stopping after %s: %s", self.name, reason, exc)
+
     async def _teardown(self, failed: bool) -> None:
         with trio.move_on_after(CLEANUP_TIMEOUT):
             if self.channel is not None:
@@ -269,18 +408,35 @@ class SandboxActor(Actor):
             self.status.set(SandboxStatus.CRASHED if failed else SandboxStatus.STOPPED)
         self.log.close()
 
-    async def _watch_process(self, proc: SandboxProcess) -> None:
+    async def _watch_process(self, proc: SandboxProcess, gen: int = -1) -> None:
+        gen = self._incarnation if gen < 0 else gen
         status = await proc.wait()
+        if gen != self._incarnation:
+            return  # an earlier incarnation (the sandbox was started again since)
         self.exit_status = status
         if not self._stopping and not self._finishing:
-            await self._finish(SandboxStatus.CRASHED, f"its process {status.describe()}")
+            await self._ended_by_itself(f"its process {status.describe()}")
 
-    async def _watch_channel(self, channel: AgentChannel) -> None:
+    async def _watch_channel(self, channel: AgentChannel, gen: int = -1) -> None:
+        gen = self._incarnation if gen < 0 else gen
         await channel.closed.wait()
         if self.proc is not None and self.proc.reconnectable:
             return  # not a crash: the next request reconnects; _watch_process sees an end
-        if not self._stopping and not self._finishing:
-            await self._finish(SandboxStatus.CRASHED, "the agent connection was lost")
+        if gen == self._incarnation and not self._stopping and not self._finishing:
+            await self._ended_by_itself("the agent connection was lost")
+
+    async def _ended_by_itself(self, reason: str) -> None:
+        """Ended while this actor was not stopping it: crashed, unless stopped elsewhere."""
+        elsewhere = False
+        if self.stopped_elsewhere is not None:
+            try:
+                elsewhere = self.stopped_elsewhere()
+            except Exception:
+                logger.exception("sandbox %r: stopped_elsewhere failed", self.name)
+        if elsewhere:
+            await self._finish(SandboxStatus.STOPPED)
+        else:
+            await self._finish(SandboxStatus.CRASHED, reason)
 
     async def _finish(self, final: SandboxStatus, reason: str = "") -> None:
         """Enter a terminal state once: abort requests, close, clean up, publish."""
@@ -290,6 +446,8 @@ class SandboxActor(Actor):
         self._finishing = True
         self._final = final
         self._crash_reason = reason
+        for timer in self._timers:
+            timer.cancel()
         if final is SandboxStatus.CRASHED:
             logger.warning("sandbox %r crashed: %s", self.name, reason)
         for scope in list(self._ops):
@@ -356,6 +514,7 @@ class SandboxActor(Actor):
         self._require_channel()
         scope = trio.CancelScope()
         self._ops.add(scope)
+        self._last_activity = trio.current_time()
         self.active.set(self.active.value + 1)
         try:
             with scope:
@@ -365,6 +524,7 @@ class SandboxActor(Actor):
                     raise self._translate(exc) from None
         finally:
             self._ops.discard(scope)
+            self._last_activity = trio.current_time()
             self.active.set(self.active.value - 1)
         raise self._abort_error()
 
@@ -377,10 +537,7 @@ class SandboxActor(Actor):
     async def _on_job(self, msg: JobStart | JobList | JobWait | JobKill) -> Message:
         if isinstance(msg, JobKill):
             check_signal(msg.signal)
-        reply = await self._op(job_request, msg)
-        if isinstance(reply, JobExited):
-            await self.log.job_logged(reply.id)
-        return reply
+        return await self._op(job_request, msg)
 
     async def _on_metrics(self, msg: GetMetrics) -> object:
         self._require_channel()
@@ -440,7 +597,7 @@ class SandboxActor(Actor):
         return Ok()
 
     async def _on_kill(self, msg: Kill) -> Ok:
-        await self.kill()
+        await self.kill(msg.timeout)
         return Ok()
 
     async def _on_drain(self, msg: Drain) -> Ok:
@@ -505,8 +662,8 @@ class SandboxActor(Actor):
         if not exited:
             raise Runtime(f"timed out observing stopped state for sandbox {self.name!r}")
 
-    async def kill(self) -> None:
-        """SIGKILL, wait up to the kill timeout to observe it, clean up."""
+    async def kill(self, timeout: float = DEFAULT_KILL_TIMEOUT) -> None:
+        """SIGKILL, wait up to ``timeout`` (the kill timeout) to observe it, clean up."""
         if self._settled():
             await self._wait_terminal()
             return
@@ -515,7 +672,7 @@ class SandboxActor(Actor):
         self._stopping = True
         self.status.set(SandboxStatus.DRAINING)
         await self._signal(proc.kill)
-        exited = await self._poll_exit(DEFAULT_KILL_TIMEOUT)
+        exited = await self._poll_exit(timeout)
         await self._finish(SandboxStatus.STOPPED)
         if not exited:
             raise Runtime(f"timed out observing stopped state for sandbox {self.name!r}")

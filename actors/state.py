@@ -41,12 +41,13 @@ class Watch(Generic[T]):
     polls. A ``set`` to an equal value is not a change.
     """
 
-    __slots__ = ("_lot", "_value", "_version")
+    __slots__ = ("_lot", "_observers", "_value", "_version")
 
     def __init__(self, value: T) -> None:
         self._value = value
         self._version = 0
         self._lot = trio.lowlevel.ParkingLot()
+        self._observers: list[Callable[[T], None]] = []
 
     def __repr__(self) -> str:
         return f"Watch({self._value!r})"
@@ -66,6 +67,19 @@ class Watch(Generic[T]):
         self._value = value
         self._version += 1
         self._lot.unpark_all()
+        for observer in list(self._observers):
+            observer(value)
+
+    def observe(self, observer: Callable[[T], None]) -> Callable[[], None]:
+        """Call ``observer(value)`` synchronously inside every changing ``set`` (before any
+        waiter runs; it must not raise). Returns a function that unsubscribes it."""
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
 
     async def wait_change(self) -> T:
         """Wait for the next change; return the value then current."""

@@ -45,6 +45,29 @@ class SandboxSpec:
     pids_limit: int | None = None
     detached: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
+    ephemeral: bool = False
+    """Removed (record and directory) once it has stopped for good."""
+    idle_timeout: float | None = None
+    """Stop after this many seconds without a request in flight."""
+    max_duration: float | None = None
+    """Stop after running this many seconds."""
+    state_id: str = ""
+    """Id of the sandbox's record in the state db (a detached sandbox's keeper updates it)."""
+
+
+class ProcessIds(NamedTuple):
+    """Host pids of a running sandbox and their start times (``/proc/PID/stat`` field 22),
+    as recorded in the state db: the start time tells a live process from a recycled pid."""
+
+    pid: int | None = None
+    """The sandbox's top process (bwrap for the local driver)."""
+    pid_start: int | None = None
+    init_pid: int | None = None
+    """The init of the sandbox's pid namespace."""
+    init_start: int | None = None
+    keeper_pid: int | None = None
+    """The keeper holding a detached sandbox."""
+    keeper_start: int | None = None
 
 
 class ExitStatus(NamedTuple):
@@ -97,6 +120,10 @@ class SandboxProcess(ABC):
         ``Shutdown(grace)`` over the agent channel instead."""
         return False
 
+    def process_ids(self) -> ProcessIds:
+        """What the state db records to find this sandbox again (``Driver.attach``)."""
+        return ProcessIds(pid=self.pid)
+
     @abstractmethod
     async def connect(self) -> trio.abc.Stream:
         """Open a new byte stream to the sandbox's agent."""
@@ -131,6 +158,13 @@ class Driver(ABC):
     @abstractmethod
     async def spawn(self, spec: SandboxSpec) -> SandboxProcess:
         """Start a sandbox; return once its agent accepts connections."""
+
+    async def attach(self, spec: SandboxSpec, ids: ProcessIds) -> SandboxProcess:
+        """A running sandbox started elsewhere (another supervisor, another process, a
+        keeper), found by what its record holds; Runtime when it is no longer there."""
+        from ..errors import Unsupported
+
+        raise Unsupported(f"attaching to a running sandbox on the {self.kind} driver", "")
 
     async def remove(self, name: str) -> None:  # noqa: B027 - optional hook
         """Delete what the driver keeps for a stopped sandbox (its directory, logs)."""

@@ -53,7 +53,7 @@ from ..protocol import (
     Shutdown,
     encode,
 )
-from .base import Driver, ExitStatus, SandboxProcess, SandboxSpec
+from .base import Driver, ExitStatus, ProcessIds, SandboxProcess, SandboxSpec
 from .fake_exec import FakeExec
 from .fake_fs import FakeFs
 from .fake_jobs import REQUESTS as JOB_REQUESTS
@@ -134,6 +134,14 @@ class FakeDriver(Driver):
         if self._nursery is None:
             raise Runtime("FakeDriver must be entered (async with FakeDriver() as driver)")
         self._nursery.start_soon(fn, *args)
+
+    async def attach(self, spec: SandboxSpec, ids: ProcessIds) -> FakeSandboxProcess:
+        """The running fake sandbox ``spec.name`` (the process another supervisor spawned)."""
+        await trio.lowlevel.checkpoint()
+        proc = self.processes.get(spec.name)
+        if proc is None or proc.exit_status is not None or ids.pid not in (None, proc.pid):
+            raise Runtime(f"sandbox {spec.name!r} is not running any more")
+        return proc
 
     async def spawn(self, spec: SandboxSpec) -> FakeSandboxProcess:
         if self._nursery is None:

@@ -54,7 +54,7 @@ async def test_good_names_are_accepted() -> None:
         for name in GOOD_NAMES:
             sb = await sup.create(name)
             assert sb.name == name
-        assert sorted(info.name for info in sup.list()) == sorted(GOOD_NAMES)
+        assert sorted(info.name for info in await sup.list()) == sorted(GOOD_NAMES)
 
 
 def test_name_validator_directly() -> None:
@@ -124,7 +124,7 @@ async def test_duplicates_are_refused_also_while_starting(autojump_clock: trio.a
 async def test_unknown_names_are_not_found() -> None:
     async with harness() as (_driver, sup):
         with pytest.raises(SandboxNotFound):
-            sup.get("nope")
+            await sup.get("nope")
         for call in (sup.stop("nope"), sup.kill("nope"), sup.remove("nope"), sup.ask("nope", 1)):
             with pytest.raises(SandboxNotFound):
                 await call
@@ -137,7 +137,7 @@ async def test_remove_rules_and_name_reuse() -> None:
             await sup.remove("a")
         await sup.stop("a")
         await sup.remove("a")
-        assert "a" not in sup and sup.list() == []
+        assert "a" not in sup and list(await sup.list()) == []
         with pytest.raises(ActorDead):
             await sb.exec("echo")
         again = await sup.create("a")
@@ -158,13 +158,13 @@ async def test_list_and_get() -> None:
     async with harness() as (_driver, sup):
         a = await sup.create("a", image="one")
         await sup.create("b")
-        infos = {info.name: info for info in sup.list()}
+        infos = {info.name: info for info in await sup.list()}
         assert set(infos) == {"a", "b"}
         assert infos["a"].image == "one" and infos["a"].status is SandboxStatus.RUNNING
         assert infos["a"].created_at <= infos["b"].created_at
-        assert sup.get("a") == a and sup.get("a") != sup.get("b")
+        assert await sup.get("a") == a and await sup.get("a") != await sup.get("b")
         await a.stop()
-        assert {i.name: i.status for i in sup.list()}["a"] is SandboxStatus.STOPPED
+        assert {i.name: i.status for i in await sup.list()}["a"] is SandboxStatus.STOPPED
         assert a.image == "one" and a.created_at == infos["a"].created_at
         assert (await a.info()).status is SandboxStatus.STOPPED
 

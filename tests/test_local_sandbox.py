@@ -137,7 +137,7 @@ async def test_remove_running_sandbox_is_refused(local_sup: corral.Supervisor) -
         await local_sup.stop("busy", timeout=2)
         await local_sup.remove("busy")
         with pytest.raises(corral.SandboxNotFound):
-            local_sup.get("busy")
+            await local_sup.get("busy")
 
 
 async def test_fifty_sandboxes_concurrently(local_sup: corral.Supervisor) -> None:

@@ -32,12 +32,14 @@ import trio
 
 from ...backend import LocalBackend
 from ...errors import Runtime
-from ..base import DEFAULT_WORKDIR, Driver, ExitStatus, SandboxProcess, SandboxSpec
+from ..base import DEFAULT_WORKDIR, Driver, ExitStatus, ProcessIds, SandboxProcess, SandboxSpec
 from . import cgroup as cgroups
 from . import launch
+from .attach import HeldProcess, attach_local, start_keeper
 from .bwrap import SOCKET_DIR, BwrapPlan, ImageRoot, find_tool, plan_sandbox
 from .images import HOST_IMAGE, Image, ImageStore
 from .images.rootfs import force_rmtree
+from .keeper import process_start
 from .metrics import MetricsSampler, SandboxMetrics
 from .runtime import RuntimeView, agent_runtime, image_agent_runtime
 
@@ -57,7 +59,7 @@ class LocalSandbox(SandboxProcess):
         self,
         spec: SandboxSpec,
         root: Path,
-        process: trio.Process,
+        process: trio.Process | HeldProcess,
         plan: BwrapPlan,
         cgroup: cgroups.SandboxCgroup | None,
     ) -> None:
@@ -71,6 +73,17 @@ class LocalSandbox(SandboxProcess):
         self._plan = plan
         self._sampler: MetricsSampler | None = None
         self._cleaned = False
+
+    def process_ids(self) -> ProcessIds:
+        held = self._process if isinstance(self._process, HeldProcess) else None
+        return ProcessIds(
+            pid=self.pid,
+            pid_start=process_start(self.pid),
+            init_pid=self.init_pid,
+            init_start=process_start(self.init_pid),
+            keeper_pid=None if held is None else held.keeper_pid,
+            keeper_start=None if held is None else held.keeper_start,
+        )
 
     def limit_report(self) -> str | None:
         """Why the kernel killed something in this sandbox (OOM, pids limit), if it did."""
@@ -242,7 +255,7 @@ class LocalDriver(Driver):
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         env = dict(spec.env)
         env[READY_FD_ENV] = str(ready_w)
-        process: trio.Process | None = None
+        process: trio.Process | HeldProcess | None = None
         plan: BwrapPlan | None = None
         try:
             runtime: RuntimeView
@@ -290,12 +303,19 @@ class LocalDriver(Driver):
                 plan.argv = cgroups.rlimit_prefix(*limits, cpus=spec.cpus) + plan.argv
             log = os.open(root / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                process = await launch.start_bwrap(plan, stdout=log, stderr=log)
+                if spec.detached:  # a keeper holds it: see .attach and .keeper
+                    process = await start_keeper(
+                        plan, spec=spec, root=root, cgroup=cgroup, db_path=self.backend.db_path
+                    )
+                else:
+                    process = await launch.start_bwrap(plan, stdout=log, stderr=log)
             finally:
                 os.close(log)
             sandbox = LocalSandbox(spec, root, process, plan, cgroup)
             await self._wait_ready(sandbox, ready_r)
             sandbox.init_pid = await launch.read_info(plan.info_fd)
+            if spec.detached:
+                plan.close()  # what is left is ours alone; the sandbox may outlive us
             return sandbox
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -344,6 +364,10 @@ class LocalDriver(Driver):
             path.mkdir(mode=0o700)
             if os.geteuid() == 0:
                 os.chown(path, self.uid, self.gid)
+
+    async def attach(self, spec: SandboxSpec, ids: ProcessIds) -> SandboxProcess:
+        """A running sandbox of the state db (another process's, or a detached one)."""
+        return await attach_local(spec, self.sandbox_dir(spec.name), ids, self.backend.db_path)
 
     async def remove(self, name: str) -> None:
         with contextlib.suppress(OSError):  # a copied rootfs may hold read-only dirs

@@ -1,0 +1,383 @@
+"""Local sandboxes that are not this process's own children.
+
+- A *detached* sandbox runs under a keeper (:mod:`.keeper`): :func:`start_keeper` hands
+  the bwrap plan to a new keeper process and returns a :class:`HeldProcess`, which
+  stands in for bwrap's ``trio.Process`` in :class:`~.driver.LocalSandbox`.
+- A sandbox found in the state db (another process's, or a detached one) is attached to
+  with :func:`attach_local`: a :class:`KeptSandbox` reaches its agent through its socket
+  dir and signals its processes by pid, after checking their start times (a recycled
+  pid is never signalled).
+
+Either way the sandbox is over when the process *watched* is gone: the keeper (it exits
+right after bwrap, once it has cleaned up and recorded the exit status in the db), or
+bwrap itself when there is no keeper. Waiting uses a pidfd, so it needs no polling and
+works for processes that are not our children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ...errors import Runtime
+from ..base import ExitStatus, ProcessIds, SandboxProcess, SandboxSpec
+from . import launch
+from .keeper import process_start, read_exit
+from .metrics import MetricsSampler, SandboxMetrics
+
+if TYPE_CHECKING:
+    from .bwrap import BwrapPlan
+    from .cgroup import SandboxCgroup
+
+__all__ = ["HeldProcess", "KeptSandbox", "attach_local", "connect_agent", "start_keeper"]
+
+KEEPER = Path(__file__).with_name("keeper.py")
+REPORT_TIMEOUT = 15.0
+_SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+_held: set[HeldProcess] = set()
+"""Keepers started here and not reaped yet (a released one is reaped by a later start)."""
+
+
+def _same(pid: int | None, start: int | None) -> bool:
+    now = process_start(pid)
+    return now is not None and (start is None or now == start)
+
+
+def _signal(pid: int | None, start: int | None, sig: int) -> bool:
+    """``sig`` to ``pid`` if it is still the recorded process (through a pidfd)."""
+    if pid is None:
+        return False
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not _same(pid, start):
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def _wait_gone(pid: int, start: int | None) -> None:
+    """Wait (no polling) until ``pid`` is no longer the recorded process."""
+    while True:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            if not _same(pid, start):
+                return
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+
+
+def _decode(code: int) -> tuple[int | None, int | None]:
+    """A keeper's exit status: bwrap's exit code, or 128 + its signal (or the keeper's own
+    signal, negative)."""
+    if code < 0:
+        return None, -code
+    if code >= 128:
+        return None, code - 128
+    return code, None
+
+
+class HeldProcess:
+    """The ``trio.Process`` part LocalSandbox uses, for a sandbox held by a keeper (or by
+    another process): ``pid`` is bwrap's, the sandbox ends when the watched process does."""
+
+    def __init__(
+        self,
+        *,
+        pid: int,
+        pid_start: int | None,
+        keeper_pid: int | None,
+        keeper_start: int | None,
+        popen: subprocess.Popen[bytes] | None,
+        db_path: Path | None,
+        name: str,
+        state_id: str,
+    ) -> None:
+        self.pid = pid
+        self.pid_start = pid_start
+        self.keeper_pid = keeper_pid
+        self.keeper_start = keeper_start
+        self._popen = popen
+        self._db_path = db_path
+        self._name = name
+        self._state_id = state_id
+        self._exit: tuple[int | None, int | None] | None = None
+
+    def _watched(self) -> tuple[int, int | None]:
+        if self.keeper_pid is not None:
+            return self.keeper_pid, self.keeper_start
+        return self.pid, self.pid_start
+
+    def ended(self) -> tuple[int | None, int | None] | None:
+        """None while the sandbox runs; then (exit code, signal), both None if unknown."""
+        if self._exit is not None:
+            return self._exit
+        if self._popen is not None:
+            code = self._popen.poll()
+            if code is None:
+                return None
+            _held.discard(self)
+        elif _same(*self._watched()):
+            return None
+        else:
+            code = None
+        recorded: tuple[int | None, int | None] = (None, None)
+        if self._db_path is not None:
+            recorded = read_exit(self._db_path, self._name, self._state_id)
+        if recorded == (None, None) and code is not None:
+            recorded = _decode(code)
+        self._exit = recorded
+        return recorded
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def poll(self) -> int | None:
+        ended = self.ended()
+        if ended is None:
+            return None
+        code, sig = ended
+        if sig is not None:
+            return -sig
+        return 0 if code is None else code
+
+    async def wait(self) -> int:
+        while self.poll() is None:
+            await _wait_gone(*self._watched())
+        code = self.poll()
+        assert code is not None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the keeper (bwrap dies with it), else bwrap."""
+        if self._popen is not None:
+            if self._popen.poll() is None:
+                self._popen.kill()
+        elif not _signal(self.keeper_pid, self.keeper_start, signal.SIGKILL):
+            _signal(self.pid, self.pid_start, signal.SIGKILL)
+
+
+def _prune() -> None:
+    for held in list(_held):
+        held.ended()
+
+
+async def start_keeper(
+    plan: BwrapPlan,
+    *,
+    spec: SandboxSpec,
+    root: Path,
+    cgroup: SandboxCgroup | None,
+    db_path: Path,
+    stop_timeout: float = 10.0,
+    kill_timeout: float = 5.0,
+) -> HeldProcess:
+    """Start ``plan`` under a new keeper; return once bwrap runs (see :mod:`.keeper`)."""
+    if not plan.startable:
+        raise Runtime("this bwrap plan was already started or closed; plan again")
+    _prune()
+    log = root / "agent.log"
+    config: dict[str, Any] = {
+        "argv": plan.argv,
+        "pass_fds": list(plan.pass_fds),
+        "env": _SPAWN_ENV,
+        "log": str(log),
+        "db": str(db_path),
+        "name": spec.name,
+        "id": spec.state_id,
+        "root": str(root),
+        "cgroup_dirs": [] if cgroup is None else [str(d) for d in cgroup.dirs.values()],
+        "max_duration": spec.max_duration,
+        "ephemeral": spec.ephemeral,
+        "stop_timeout": stop_timeout,
+        "kill_timeout": kill_timeout,
+    }
+    await trio.lowlevel.checkpoint()
+    err = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        popen = subprocess.Popen(  # noqa: ASYNC220 - a vfork, ~1 ms, like start_bwrap
+            [sys.executable, "-I", "-S", "-B", str(KEEPER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            pass_fds=plan.pass_fds,
+            close_fds=True,
+            start_new_session=True,
+            cwd="/",
+            env=_SPAWN_ENV,
+        )
+    finally:
+        os.close(err)
+    plan.release_child_fds()
+    try:
+        assert popen.stdin is not None and popen.stdout is not None
+        with popen.stdin:
+            popen.stdin.write(json.dumps(config).encode())
+        report = await _read_report(popen.stdout.fileno())
+        popen.stdout.close()
+        if report is None:
+            tail = log.read_bytes()[-2000:].decode(errors="replace").strip()
+            raise Runtime(f"sandbox {spec.name!r}: its keeper failed: {tail or 'no report'}")
+    except BaseException:
+        if popen.poll() is None:
+            popen.kill()
+        popen.wait(timeout=5)
+        raise
+    held = HeldProcess(
+        pid=int(report["pid"]),
+        pid_start=report.get("start"),
+        keeper_pid=popen.pid,
+        keeper_start=process_start(popen.pid),
+        popen=popen,
+        db_path=db_path,
+        name=spec.name,
+        state_id=spec.state_id,
+    )
+    _held.add(held)
+    return held
+
+
+async def _read_report(fd: int) -> dict[str, Any] | None:
+    stream = trio.lowlevel.FdStream(os.dup(fd))
+    data = b""
+    async with stream:
+        with trio.move_on_after(REPORT_TIMEOUT):
+            while b"\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+    try:
+        report = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and isinstance(report.get("pid"), int) else None
+
+
+async def connect_agent(root: Path, name: str) -> trio.abc.Stream:
+    """A new connection to the agent socket under ``root/run``.
+
+    Through an O_PATH fd of the socket dir: the full path may exceed the 108-byte
+    AF_UNIX limit (long homes, 128-character names).
+    """
+    try:
+        fd = os.open(root / "run", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Runtime(f"sandbox {name!r}: its socket dir is gone: {exc}") from exc
+    try:
+        return await trio.open_unix_socket(f"/proc/self/fd/{fd}/agent.sock")
+    except OSError as exc:
+        raise Runtime(f"sandbox {name!r}: cannot reach its agent: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+class KeptSandbox(SandboxProcess):
+    """A running local sandbox found in the state db (started by another process, or held
+    by a keeper). Stopping it from here is the usual ladder: Shutdown over a connection of
+    our own, then SIGTERM and SIGKILL by pid (start times checked). Its keeper or owner
+    cleans up its cgroup and socket dir."""
+
+    def __init__(self, spec: SandboxSpec, root: Path, ids: ProcessIds, db_path: Path) -> None:
+        assert ids.pid is not None
+        self.name = spec.name
+        self.spec = spec
+        self.root = root
+        self.pid = ids.pid
+        self.init_pid = ids.init_pid
+        self._ids = ids
+        self._process = HeldProcess(
+            pid=ids.pid,
+            pid_start=ids.pid_start,
+            keeper_pid=ids.keeper_pid,
+            keeper_start=ids.keeper_start,
+            popen=None,
+            db_path=db_path,
+            name=spec.name,
+            state_id=spec.state_id,
+        )
+        self._cleaned = False
+
+    def process_ids(self) -> ProcessIds:
+        return self._ids
+
+    async def connect(self) -> trio.abc.Stream:
+        return await connect_agent(self.root, self.name)
+
+    async def metrics(self) -> SandboxMetrics:
+        limit = self.spec.memory_mib
+        sampler = MetricsSampler(
+            init_pid=self.init_pid, memory_limit_bytes=None if limit is None else limit << 20
+        )
+        await trio.lowlevel.checkpoint()
+        return sampler.sample()
+
+    async def terminate(self) -> None:
+        if self.init_pid is not None and _same(self.init_pid, self._ids.init_start):
+            for pid in launch.sandbox_pids(self.init_pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        await trio.lowlevel.checkpoint()
+
+    async def kill(self) -> None:
+        ids = self._ids
+        if not _signal(ids.init_pid, ids.init_start, signal.SIGKILL):
+            _signal(ids.pid, ids.pid_start, signal.SIGKILL)
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        ended = self._process.ended()
+        return None if ended is None else ExitStatus(*ended)
+
+    async def wait(self) -> ExitStatus:
+        await self._process.wait()
+        status = self.exit_status
+        assert status is not None
+        return status
+
+    async def cleanup(self) -> None:
+        if self._cleaned:
+            return
+        with trio.CancelScope(shield=True):
+            if self.exit_status is None:
+                await self.kill()
+                with trio.move_on_after(2.0):
+                    await self.wait()
+            if self.exit_status is None:
+                _signal(self._ids.pid, self._ids.pid_start, signal.SIGKILL)
+                with trio.move_on_after(3.0):
+                    await self.wait()
+        self._cleaned = True
+
+
+async def attach_local(
+    spec: SandboxSpec, root: Path, ids: ProcessIds, db_path: Path
+) -> KeptSandbox:
+    """The running sandbox the record describes; Runtime when it is not there any more."""
+    await trio.lowlevel.checkpoint()
+    if ids.pid is None or not _same(ids.pid, ids.pid_start):
+        raise Runtime(f"sandbox {spec.name!r} is not running any more (pid {ids.pid} is gone)")
+    if ids.keeper_pid is not None and not _same(ids.keeper_pid, ids.keeper_start):
+        raise Runtime(f"sandbox {spec.name!r}: its keeper (pid {ids.keeper_pid}) is gone")
+    return KeptSandbox(spec, root, ids, db_path)
