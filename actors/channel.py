@@ -182,7 +182,11 @@ class AgentChannel:
             while True:
                 data = await self._stream.receive_some(RECEIVE_SIZE)
                 if not data:
-                    decoder.close()
+                    if decoder.buffered:  # the agent died part-way through a frame
+                        error = AgentGone(
+                            f"{self._label}: connection lost inside a frame "
+                            f"({decoder.buffered} bytes left over)"
+                        )
                     break
                 for frame in decoder.feed(data):
                     route = self._routes.get(frame.id)

@@ -386,3 +386,19 @@ async def test_a_frame_of_the_largest_size_passes_the_channel() -> None:
             assert reply == FsData(data=data, eof=True)
             assert channel.alive
             await channel.aclose()
+
+
+async def test_a_connection_lost_inside_a_frame_is_agent_gone() -> None:
+    """The agent dying part-way through a frame is a lost agent, not a protocol error
+    (found killing the agent in the middle of a large file read)."""
+    with trio.fail_after(STEP):
+        channel, agent = await _handshaken()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.run)
+            async with channel.conversation(FsRead(path="/big")) as conv:
+                frame = encode(conv.id, FsData(data=b"x" * 1000, eof=True), TERMINAL)
+                await agent.send_all(frame[:500])
+                await agent.send_stream.aclose()
+                with pytest.raises(AgentGone, match="inside a frame"):
+                    await conv.receive()
+            await channel.aclose()
