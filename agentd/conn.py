@@ -2,8 +2,10 @@
 
 The host speaks first (``Hello`` on id 0). After that every frame either opens a
 conversation (a request) or belongs to one (``ExecStdin``, ``ExecSignal``,
-``ExecResize``, ``ExecCredit``, ``Cancel``); follow-ups for an id with no live
-conversation are dropped. Garbage closes this connection only, after an
+``ExecResize``, ``ExecCredit``, ``LogAck``, ``Cancel``); follow-ups for an id with no
+live conversation are dropped. Jobs (``agentd.jobs``) and the log ring
+(``agentd.logring``) belong to the agent, not to a connection: a connection only holds
+its ``JobWait`` and ``LogSubscribe`` conversations. Garbage closes this connection only, after an
 ``ErrorReply`` on id 0. Writing back-pressure pauses both the exec output readers
 and the reading of new requests.
 """
