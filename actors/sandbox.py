@@ -41,6 +41,7 @@ from ..protocol import (
     FsRead,
     FsWrite,
     FsWritten,
+    JobExited,
     JobKill,
     JobList,
     JobStart,
@@ -537,7 +538,10 @@ class SandboxActor(Actor):
     async def _on_job(self, msg: JobStart | JobList | JobWait | JobKill) -> Message:
         if isinstance(msg, JobKill):
             check_signal(msg.signal)
-        return await self._op(job_request, msg)
+        reply = await self._op(job_request, msg)
+        if isinstance(reply, JobExited):
+            await self.log.job_logged(reply.id)
+        return reply
 
     async def _on_metrics(self, msg: GetMetrics) -> object:
         self._require_channel()
