@@ -125,6 +125,14 @@ async def assert_fake_quiet(driver: FakeDriver, sup: Supervisor) -> None:
         assert proc.cleaned_up and proc.exit_status is not None, proc
         assert all(agent.closed for agent in proc.agents), proc
     assert not sup._reserved
+    await assert_no_stale_records(sup)
+
+
+async def assert_no_stale_records(sup: Supervisor) -> None:
+    """The state db lists only sandboxes this supervisor holds (a cancelled create
+    leaves no record behind)."""
+    listed = {info.name for info in await sup.list(limit=10_000)}
+    assert {name for name in listed if name not in sup} == set(), listed
 
 
 async def test_fake_create_cancelled_at_every_checkpoint(autojump_clock: trio.abc.Clock) -> None:
@@ -277,6 +285,7 @@ async def assert_real_quiet(
         fds_before,
     )
     assert not sup._reserved
+    await assert_no_stale_records(sup)
 
 
 @pytest.mark.integration
