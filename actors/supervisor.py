@@ -25,20 +25,16 @@ good; ``idle_timeout`` and ``max_duration`` are timers in the actor.
 
 from __future__ import annotations
 
-import builtins
 import functools
 import importlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import trio
 
 from ..drivers.base import DEFAULT_IMAGE, Driver
 from ..errors import (
-    ActorDead,
     CorralError,
     InvalidConfig,
     Runtime,
@@ -58,13 +54,12 @@ from .sandbox import (
     DEFAULT_STOP_TIMEOUT,
     POLL_INTERVAL,
     Kill,
-    Release,
     SandboxActor,
     Start,
     Stop,
 )
 from .state import SandboxStatus
-from .tracking import Tracked, new_record, reap, reap_record
+from .tracking import Tracked, new_record, reap_record
 
 __all__ = ["FAST_STOP_TIMEOUT", "Supervisor", "open_supervisor"]
 
@@ -409,6 +404,8 @@ class Supervisor:
         await (await self._resolve(name)).ask(Stop(timeout=timeout))
 
     async def kill(self, name: str, timeout: float = DEFAULT_KILL_TIMEOUT) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise InvalidConfig(f"timeout must be a number above 0, got {timeout!r}")
         await (await self._resolve(name)).ask(Kill(timeout=timeout))
 
     async def start(self, name: str) -> None:
@@ -459,51 +456,6 @@ class Supervisor:
     async def tell(self, name: str, msg: object) -> None:
         await (await self._resolve(name)).tell(msg)
 
-    async def _shutdown(self, *, fast: bool) -> builtins.list[tuple[str, BaseException]]:
-        """Stop what this supervisor owns (let go of the rest), concurrently."""
-        self._closing = True
-        errors: builtins.list[tuple[str, BaseException]] = []
-
-        async def one(tracked: Tracked) -> None:
-            actor = tracked.actor
-            try:
-                if actor.spec.detached or not tracked.owned:
-                    await actor.ask(Release())
-                elif fast:
-                    # A ladder already running holds the lifecycle lock; kill does not
-                    # wait for it, so a short grace then Kill always ends it quickly.
-                    with trio.move_on_after(FAST_STOP_TIMEOUT + POLL_INTERVAL):
-                        await actor.ask(Stop(timeout=FAST_STOP_TIMEOUT, sigterm=False))
-                    if not actor.status.value.terminal:
-                        await actor.ask(Kill())
-                else:
-                    await actor.ask(Stop(timeout=DEFAULT_STOP_TIMEOUT))
-            except ActorDead:
-                pass
-            except CorralError as exc:
-                logger.warning("stopping sandbox %r: %s", actor.name, exc)
-                errors.append((actor.name, exc))
-            finally:
-                actor.close()
-
-        async with trio.open_nursery() as nursery:
-            for tracked in list(self._tracked.values()):
-                nursery.start_soon(one, tracked)
-        return errors
-
-    async def _forget_owned(self) -> None:
-        """After the shutdown: delete the records (and directories) of what it owned."""
-        for tracked in list(self._tracked.values()):
-            tracked.detach()
-            actor = tracked.actor
-            if tracked.owned and not actor.spec.detached and actor.status.value.terminal:
-                self.registry.delete(tracked.name, tracked.record_id)
-                with trio.move_on_after(CLEANUP_TIMEOUT):
-                    await self.driver.remove(tracked.name)
-            elif tracked.owned and actor.status.value is SandboxStatus.CREATED:
-                if not actor.spec.detached:
-                    self.registry.delete(tracked.name, tracked.record_id)
-
 
 def _import_attr(module: str, attr: str) -> Any:
     """``module.attr``, or None when the module (not one of its imports) is missing."""
@@ -538,96 +490,4 @@ def driver_for(backend: object | None) -> Driver:
     raise InvalidConfig(f"unknown backend {backend!r}: expected a LocalBackend or CloudBackend")
 
 
-def _leaves(exc: BaseException) -> builtins.list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
-    """Does ``group`` hold exactly ``exc`` (compared leaf by leaf: trio re-creates groups)?"""
-    mine, theirs = _leaves(exc), _leaves(group)
-    return len(mine) == len(theirs) and all(a is b for a, b in zip(mine, theirs, strict=True))
-
-
-@asynccontextmanager
-async def open_supervisor(
-    backend: object | None = None, *, driver: Driver | None = None
-) -> AsyncIterator[Supervisor]:
-    """The scope sandboxes live in; none outlives it unless created ``detached``.
-
-    With ``driver=`` that driver is used as given (and not closed). Otherwise the
-    driver comes from ``backend`` (or ``corral.default_backend()``) and is closed on exit.
-    """
-    async with AsyncExitStack() as stack:
-        if driver is None:
-            owned = driver_for(backend)
-            entered: object = owned
-            if hasattr(owned, "__aenter__"):
-                entered = await stack.enter_async_context(owned)  # type: ignore[arg-type]
-            else:
-                stack.push_async_callback(_close_driver, owned)
-            driver = entered if isinstance(entered, Driver) else owned
-        path = _db_path(backend, driver)
-        if path is None:
-            registry = Registry()
-        else:  # creating the file may take a few ms of fsync: not on the event loop
-            registry = await trio.to_thread.run_sync(Registry, path)
-        stack.callback(registry.close)
-        await reap(registry, driver)
-        async with _supervised(driver, registry) as sup:
-            yield sup
-
-
-def _db_path(backend: object | None, driver: Driver) -> Path | None:
-    """The db of the driver's local backend, else of ``backend``, else None (private)."""
-    for source in (getattr(driver, "backend", None), backend):
-        path = getattr(source, "db_path", None)
-        if isinstance(path, Path):
-            return path
-    return None
-
-
-async def _close_driver(driver: Driver) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-        await driver.aclose()
-
-
-@asynccontextmanager
-async def _supervised(driver: Driver, registry: Registry) -> AsyncIterator[Supervisor]:
-    body_exc: BaseException | None = None
-    unwrap: BaseException | None = None
-    errors: list[tuple[str, BaseException]] = []
-    try:
-        async with trio.open_nursery() as nursery:
-            sup = Supervisor(driver, nursery, registry)
-            try:
-                try:
-                    yield sup
-                except BaseException:
-                    with trio.CancelScope(shield=True), trio.move_on_after(FAST_SHUTDOWN_BOUND):
-                        await sup._shutdown(fast=True)
-                    raise
-                try:
-                    errors = await sup._shutdown(fast=False)
-                except BaseException:
-                    with trio.CancelScope(shield=True), trio.move_on_after(FAST_SHUTDOWN_BOUND):
-                        await sup._shutdown(fast=True)
-                    raise
-            except BaseException as exc:
-                body_exc = exc
-                raise
-            finally:
-                with trio.CancelScope(shield=True):
-                    await sup._forget_owned()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The nursery wraps what the block raised; give the caller its own exception back.
-        if body_exc is None or not _only(group, body_exc):
-            raise
-        unwrap = body_exc
-    if unwrap is not None:
-        raise unwrap
-    if errors:
-        names = ", ".join(name for name, _ in errors)
-        raise Runtime(f"could not stop every sandbox cleanly ({names}): {errors[0][1]}")
+from .scope import open_supervisor  # noqa: E402 - re-exported; it builds on Supervisor

@@ -109,6 +109,8 @@ async def test_kill_timeout(autojump_clock: trio.abc.Clock) -> None:
         assert now(sb) is SandboxStatus.STOPPED
         with pytest.raises(InvalidConfig):
             await sb.kill(timeout=0)
+        with pytest.raises(InvalidConfig):
+            await sup.kill("a", timeout=-1)
         with pytest.raises(SandboxNotRunning):
             await sb.exec("echo")
 

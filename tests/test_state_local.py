@@ -258,3 +258,36 @@ async def test_one_name_raced_by_two_processes(local_backend: LocalBackend, scri
             await proc.stdout.aclose()
             assert proc.returncode == 0
     assert not processes_matching(name)
+
+
+def our_keepers() -> list[int]:
+    """Keeper processes that are children of this process (not reaped yet)."""
+    found = []
+    for pid in processes_matching("drivers/local/keeper.py"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rfind(b")") + 2 :].split()[1]) == os.getpid():
+            found.append(pid)
+    return found
+
+
+async def test_a_cancelled_detached_create_leaves_nothing(local_backend: LocalBackend) -> None:
+    with trio.fail_after(120):
+        async with corral.open_supervisor(local_backend) as sup:
+            before = our_keepers()
+            landed = 0
+            for delay in (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.5, 1.0):
+                name = f"cut-{uuid.uuid4().hex[:8]}"
+                with trio.move_on_after(delay) as scope:
+                    await sup.create(name, detached=True)
+                if not scope.cancelled_caught:  # it was quicker than the deadline
+                    await sup.kill(name)
+                    await sup.remove(name)
+                else:
+                    landed += 1
+                assert name not in sup and sup.registry.get(name) is None, delay
+                assert await wait_until(lambda: our_keepers() == before, timeout=5), delay
+                assert not (local_backend.sandboxes_dir / name).exists(), delay
+            assert landed >= 3

@@ -1,8 +1,9 @@
 """Local sandboxes that are not this process's own children.
 
-- A *detached* sandbox runs under a keeper (:mod:`.keeper`): :func:`start_keeper` hands
-  the bwrap plan to a new keeper process and returns a :class:`HeldProcess`, which
-  stands in for bwrap's ``trio.Process`` in :class:`~.driver.LocalSandbox`.
+- A *detached* sandbox runs under a keeper (:mod:`.keeper`): :func:`open_keeper` starts
+  one with the bwrap plan's fds and returns a :class:`HeldProcess` (it stands in for
+  bwrap's ``trio.Process`` in :class:`~.driver.LocalSandbox`); :meth:`HeldProcess.hand_over`
+  gives it bwrap's final argv once the sandbox's cgroup (named after the keeper) exists.
 - A sandbox found in the state db (another process's, or a detached one) is attached to
   with :func:`attach_local`: a :class:`KeptSandbox` reaches its agent through its socket
   dir and signals its processes by pid, after checking their start times (a recycled
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from .bwrap import BwrapPlan
     from .cgroup import SandboxCgroup
 
-__all__ = ["HeldProcess", "KeptSandbox", "attach_local", "connect_agent", "start_keeper"]
+__all__ = ["HeldProcess", "KeptSandbox", "attach_local", "connect_agent", "open_keeper"]
 
 KEEPER = Path(__file__).with_name("keeper.py")
 REPORT_TIMEOUT = 15.0
@@ -109,7 +110,13 @@ class HeldProcess:
         db_path: Path | None,
         name: str,
         state_id: str,
+        pass_fds: tuple[int, ...] = (),
+        root: Path | None = None,
+        spec: SandboxSpec | None = None,
     ) -> None:
+        self._pass_fds = pass_fds
+        self._root = root
+        self._spec = spec
         self.pid = pid
         self.pid_start = pid_start
         self.keeper_pid = keeper_pid
@@ -166,11 +173,54 @@ class HeldProcess:
         assert code is not None
         return code
 
+    async def hand_over(
+        self,
+        argv: list[str],
+        cgroup: SandboxCgroup | None,
+        *,
+        stop_timeout: float = 10.0,
+        kill_timeout: float = 5.0,
+    ) -> None:
+        """Give the keeper bwrap's argv and the rest of its config; return once bwrap
+        runs (its pid is then ``self.pid``). The caller kills the keeper on failure."""
+        popen, spec, root = self._popen, self._spec, self._root
+        assert popen is not None and popen.stdin is not None and popen.stdout is not None
+        assert spec is not None and root is not None
+        config: dict[str, Any] = {
+            "argv": argv,
+            "pass_fds": list(self._pass_fds),
+            "env": _SPAWN_ENV,
+            "log": str(root / "agent.log"),
+            "db": str(self._db_path),
+            "name": spec.name,
+            "id": spec.state_id,
+            "root": str(root),
+            "cgroup_dirs": [] if cgroup is None else [str(d) for d in cgroup.dirs.values()],
+            "max_duration": spec.max_duration,
+            "ephemeral": spec.ephemeral,
+            "stop_timeout": stop_timeout,
+            "kill_timeout": kill_timeout,
+        }
+        await trio.lowlevel.checkpoint()
+        with popen.stdin:
+            popen.stdin.write(json.dumps(config).encode())  # a few KiB: fits the pipe
+        with popen.stdout:
+            report = await _read_report(popen.stdout.fileno())
+        if report is None:
+            tail = (root / "agent.log").read_bytes()[-2000:].decode(errors="replace").strip()
+            raise Runtime(f"sandbox {spec.name!r}: its keeper failed: {tail or 'no report'}")
+        self.pid = int(report["pid"])
+        self.pid_start = report.get("start")
+        _held.add(self)
+
     def kill(self) -> None:
         """SIGKILL the keeper (bwrap dies with it), else bwrap."""
         if self._popen is not None:
             if self._popen.poll() is None:
                 self._popen.kill()
+            for pipe in (self._popen.stdin, self._popen.stdout):  # a hand-over cut short
+                if pipe is not None:
+                    pipe.close()
         elif not _signal(self.keeper_pid, self.keeper_start, signal.SIGKILL):
             _signal(self.pid, self.pid_start, signal.SIGKILL)
 
@@ -180,40 +230,16 @@ def _prune() -> None:
         held.ended()
 
 
-async def start_keeper(
-    plan: BwrapPlan,
-    *,
-    spec: SandboxSpec,
-    root: Path,
-    cgroup: SandboxCgroup | None,
-    db_path: Path,
-    stop_timeout: float = 10.0,
-    kill_timeout: float = 5.0,
-) -> HeldProcess:
-    """Start ``plan`` under a new keeper; return once bwrap runs (see :mod:`.keeper`)."""
+def open_keeper(plan: BwrapPlan, *, spec: SandboxSpec, root: Path, db_path: Path) -> HeldProcess:
+    """Start a keeper for ``plan`` (it gets the plan's fds now, and bwrap's final argv with
+    :meth:`HeldProcess.hand_over`): its pid is known before the sandbox's cgroup is made,
+    so the cgroup is named after the keeper, which outlives the caller."""
     if not plan.startable:
         raise Runtime("this bwrap plan was already started or closed; plan again")
     _prune()
-    log = root / "agent.log"
-    config: dict[str, Any] = {
-        "argv": plan.argv,
-        "pass_fds": list(plan.pass_fds),
-        "env": _SPAWN_ENV,
-        "log": str(log),
-        "db": str(db_path),
-        "name": spec.name,
-        "id": spec.state_id,
-        "root": str(root),
-        "cgroup_dirs": [] if cgroup is None else [str(d) for d in cgroup.dirs.values()],
-        "max_duration": spec.max_duration,
-        "ephemeral": spec.ephemeral,
-        "stop_timeout": stop_timeout,
-        "kill_timeout": kill_timeout,
-    }
-    await trio.lowlevel.checkpoint()
-    err = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    err = os.open(root / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        popen = subprocess.Popen(  # noqa: ASYNC220 - a vfork, ~1 ms, like start_bwrap
+        popen = subprocess.Popen(
             [sys.executable, "-I", "-S", "-B", str(KEEPER)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -227,32 +253,19 @@ async def start_keeper(
     finally:
         os.close(err)
     plan.release_child_fds()
-    try:
-        assert popen.stdin is not None and popen.stdout is not None
-        with popen.stdin:
-            popen.stdin.write(json.dumps(config).encode())
-        report = await _read_report(popen.stdout.fileno())
-        popen.stdout.close()
-        if report is None:
-            tail = log.read_bytes()[-2000:].decode(errors="replace").strip()
-            raise Runtime(f"sandbox {spec.name!r}: its keeper failed: {tail or 'no report'}")
-    except BaseException:
-        if popen.poll() is None:
-            popen.kill()
-        popen.wait(timeout=5)
-        raise
-    held = HeldProcess(
-        pid=int(report["pid"]),
-        pid_start=report.get("start"),
+    return HeldProcess(
+        pid=0,
+        pid_start=None,
         keeper_pid=popen.pid,
         keeper_start=process_start(popen.pid),
         popen=popen,
         db_path=db_path,
         name=spec.name,
         state_id=spec.state_id,
+        pass_fds=plan.pass_fds,
+        root=root,
+        spec=spec,
     )
-    _held.add(held)
-    return held
 
 
 async def _read_report(fd: int) -> dict[str, Any] | None:

@@ -234,8 +234,13 @@ class SandboxCgroup:
         memory_mib: int | None = None,
         pids_limit: int | None = None,
         layout: CgroupLayout | None = None,
+        owner_pid: int | None = None,
     ) -> SandboxCgroup:
-        """Make the cgroup and set its limits (None = unlimited)."""
+        """Make the cgroup and set its limits (None = unlimited).
+
+        ``owner_pid`` (default: this process) goes into the name: once that process is
+        gone, an empty cgroup is stale (:func:`reap_stale`). A detached sandbox's is its
+        keeper's."""
         validate_limits(cpus, memory_mib, pids_limit)
         if layout is None:
             layout = detect()
@@ -244,7 +249,8 @@ class SandboxCgroup:
                     "per-sandbox cgroups", f"with cgroup rights; here: {why_unavailable()}"
                 )
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:48] or "sandbox"
-        leaf = f"{safe}-{os.getpid()}-{secrets.token_hex(3)}"
+        owner = os.getpid() if owner_pid is None else owner_pid
+        leaf = f"{safe}-{owner}-{secrets.token_hex(3)}"
         cgroup = cls(layout, leaf, {})
         try:
             for h in layout.hierarchies:

@@ -35,7 +35,7 @@ from ...errors import Runtime
 from ..base import DEFAULT_WORKDIR, Driver, ExitStatus, ProcessIds, SandboxProcess, SandboxSpec
 from . import cgroup as cgroups
 from . import launch
-from .attach import HeldProcess, attach_local, start_keeper
+from .attach import HeldProcess, attach_local, open_keeper
 from .bwrap import SOCKET_DIR, BwrapPlan, ImageRoot, find_tool, plan_sandbox
 from .images import HOST_IMAGE, Image, ImageStore
 from .images.rootfs import force_rmtree
@@ -289,6 +289,8 @@ class LocalDriver(Driver):
             # other child-side fds once bwrap runs.
             plan.adopt_child_fd(ready_w)
             ready_w = -1
+            if spec.detached:  # a keeper holds it (.keeper); it gets the argv below
+                process = open_keeper(plan, spec=spec, root=root, db_path=self.backend.db_path)
             if self.cgroups is not None:
                 cgroup = cgroups.SandboxCgroup.create(
                     spec.name,
@@ -296,6 +298,7 @@ class LocalDriver(Driver):
                     memory_mib=spec.memory_mib,
                     pids_limit=spec.pids_limit,
                     layout=self.cgroups,
+                    owner_pid=process.keeper_pid if isinstance(process, HeldProcess) else None,
                 )
                 plan.argv = cgroup.wrap_argv(plan.argv)
             else:
@@ -303,10 +306,8 @@ class LocalDriver(Driver):
                 plan.argv = cgroups.rlimit_prefix(*limits, cpus=spec.cpus) + plan.argv
             log = os.open(root / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                if spec.detached:  # a keeper holds it: see .attach and .keeper
-                    process = await start_keeper(
-                        plan, spec=spec, root=root, cgroup=cgroup, db_path=self.backend.db_path
-                    )
+                if isinstance(process, HeldProcess):
+                    await process.hand_over(plan.argv, cgroup)
                 else:
                     process = await launch.start_bwrap(plan, stdout=log, stderr=log)
             finally:
