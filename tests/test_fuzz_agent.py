@@ -21,7 +21,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,11 @@ class HostAgent:
                 return pid
         raise AssertionError(f"no agent under bwrap pid {self.popen.pid}")
 
+    @property
+    def fixed(self) -> str:
+        """A directory the fuzzed requests (relative paths) never touch."""
+        return str(self.root / "fixed")
+
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.agent_pid()}/fd"))
 
@@ -116,6 +122,7 @@ def host_agent() -> Iterator[HostAgent]:
     root = Path(tempfile.mkdtemp(prefix="fuzz-agentd-"))
     work = root / "work"
     work.mkdir()
+    (root / "fixed").mkdir()
     pkg = make_package_dir(root)
     sock = str(root / "agent.sock")
     confine = [bwrap, "--ro-bind", "/", "/", "--bind", str(root), str(root)]
@@ -169,8 +176,14 @@ class Raw:
         self.eof = False
 
     @classmethod
-    async def open(cls, agent: HostAgent) -> Raw:
-        return cls(await trio.open_unix_socket(agent.socket_path))
+    @asynccontextmanager
+    async def connect(cls, agent: HostAgent) -> AsyncIterator[Raw]:
+        """A connection, closed however the block ends."""
+        client = cls(await trio.open_unix_socket(agent.socket_path))
+        try:
+            yield client
+        finally:
+            await client.aclose()
 
     async def send(self, data: bytes) -> bool:
         """False once the agent has closed the connection on us."""
@@ -203,6 +216,15 @@ class Raw:
                 return False
             await self._pump()
 
+    async def reply(self, frame_id: int) -> Message:
+        """The TERMINAL frame for ``frame_id`` (fails at EOF: never waits forever)."""
+        while True:
+            for frame in self.frames:
+                if frame.id == frame_id and frame.terminal:
+                    return frame.msg
+            assert not self.eof, f"the agent hung up before answering request {frame_id}"
+            await self._pump()
+
     async def until_eof(self) -> None:
         while not self.eof:
             await self._pump()
@@ -226,11 +248,10 @@ class Raw:
 async def assert_healthy(agent: HostAgent, fds_before: int) -> None:
     """The agent answers a fresh connection, and has released what earlier ones held."""
     assert agent.popen.poll() is None, "the agent died"
-    client = await Raw.open(agent)
-    await client.hello()
-    await client.send(encode(7, Ping(), SESSION_START))
-    assert await client.until(7, Pong)
-    await client.aclose()
+    async with Raw.connect(agent) as client:
+        await client.hello()
+        await client.send(encode(7, Ping(), SESSION_START))
+        assert await client.until(7, Pong)
     assert await wait_until(lambda: agent.fds() <= fds_before, timeout=5), (
         agent.fds(),
         fds_before,
@@ -318,19 +339,18 @@ async def test_garbage_closes_only_that_connection_with_a_clear_error(
     host_agent: HostAgent, greet: bool, garbage: bytes, cuts: list[int]
 ) -> None:
     with trio.fail_after(STEP):
-        client = await Raw.open(host_agent)
-        if greet:
-            await client.hello()
-        points = sorted({0, len(garbage), *(min(c, len(garbage)) for c in cuts)})
-        for a, b in itertools.pairwise(points):
-            if not await client.send(garbage[a:b]):
-                break
-        try:
-            await client.stream.send_eof()  # our side is done: the agent must hang up
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        await client.until_eof()
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            if greet:
+                await client.hello()
+            points = sorted({0, len(garbage), *(min(c, len(garbage)) for c in cuts)})
+            for a, b in itertools.pairwise(points):
+                if not await client.send(garbage[a:b]):
+                    break
+            try:
+                await client.stream.send_eof()  # our side is done: the agent must hang up
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await client.until_eof()
         errors = [f for f in client.frames if isinstance(f.msg, ErrorReply) and f.id == 0]
         if errors:
             client.assert_clean_failure()
@@ -346,15 +366,14 @@ async def test_out_of_order_and_nonsense_frames_never_wedge_the_agent(
     absurd field values: afterwards a Ping still gets its Pong, or the agent has
     closed the connection after saying why on id 0."""
     with trio.fail_after(STEP):
-        client = await Raw.open(host_agent)
-        await client.hello()
-        for frame_id, flag, msg in sent:
-            if not await client.send(encode(frame_id, msg, flag)):
-                break
-        await client.send(encode(SENTINEL, Ping(), SESSION_START))
-        if not await client.until(SENTINEL, Pong):
-            client.assert_clean_failure()
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            for frame_id, flag, msg in sent:
+                if not await client.send(encode(frame_id, msg, flag)):
+                    break
+            await client.send(encode(SENTINEL, Ping(), SESSION_START))
+            if not await client.until(SENTINEL, Pong):
+                client.assert_clean_failure()
         assert host_agent.popen.poll() is None
 
 
@@ -364,11 +383,11 @@ async def test_a_connection_dropped_mid_conversation_leaves_nothing_behind(
     host_agent: HostAgent, sent: list[tuple[int, int, Message]]
 ) -> None:
     with trio.fail_after(STEP):
-        client = await Raw.open(host_agent)
-        await client.hello()
-        for frame_id, flag, msg in sent:
-            await client.send(encode(frame_id, msg, flag))
-        await client.aclose()  # mid-exec, mid-read: the agent ends those sessions
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            for frame_id, flag, msg in sent:
+                await client.send(encode(frame_id, msg, flag))
+        # hung up mid-exec, mid-read: the agent ends those sessions
     assert host_agent.popen.poll() is None
 
 
@@ -380,15 +399,14 @@ async def test_a_stream_truncated_inside_a_frame_is_dropped_cleanly(
     stream = b"".join(encode(i, m, f) for i, f, m in sent)
     cut = data.draw(st.integers(1, len(stream) - 1))
     with trio.fail_after(STEP):
-        client = await Raw.open(host_agent)
-        await client.hello()
-        await client.send(stream[:cut])
-        try:
-            await client.stream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        await client.until_eof()  # the agent hangs up; its own frames are whole
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            await client.send(stream[:cut])
+            try:
+                await client.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await client.until_eof()  # the agent hangs up; its own frames are whole
     assert host_agent.popen.poll() is None
 
 
@@ -396,35 +414,32 @@ async def test_an_oversized_header_is_refused_at_once(host_agent: HostAgent) -> 
     fds = host_agent.fds()
     with trio.fail_after(STEP):
         for greet in (False, True):
-            client = await Raw.open(host_agent)
-            if greet:
-                await client.hello()
-            # the header of a 4 GiB frame, and nothing else: no waiting for the body
-            await client.send((2**32 - 1).to_bytes(4, "big") + b"\0\0\0\1\2")
-            await client.until_eof()
-            client.assert_clean_failure()
-            assert client.frames[-1].msg.code == "frame_too_large"  # type: ignore[attr-defined]
-            await client.aclose()
+            async with Raw.connect(host_agent) as client:
+                if greet:
+                    await client.hello()
+                # the header of a 4 GiB frame, and nothing else: no waiting for the body
+                await client.send((2**32 - 1).to_bytes(4, "big") + b"\0\0\0\1\2")
+                await client.until_eof()
+                client.assert_clean_failure()
+                assert client.frames[-1].msg.code == "frame_too_large"  # type: ignore[attr-defined]
         await assert_healthy(host_agent, fds)
 
 
 async def test_frames_of_the_largest_size_are_served(host_agent: HostAgent) -> None:
     fds = host_agent.fds()
+    big = f"{host_agent.fixed}/big"
     probe = 1 << 17
-    overhead = len(encode(1, FsWrite(path="big", data=b"z" * probe), SESSION_START)) - 4 - probe
+    overhead = len(encode(1, FsWrite(path=big, data=b"z" * probe), SESSION_START)) - 4 - probe
     data = os.urandom(MAX_FRAME - overhead)
-    frame = encode(1, FsWrite(path="big", data=data), SESSION_START)
+    frame = encode(1, FsWrite(path=big, data=data), SESSION_START)
     assert len(frame) - 4 == MAX_FRAME
     with trio.fail_after(STEP):
-        client = await Raw.open(host_agent)
-        await client.hello()
-        await client.send(frame)
-        assert await client.until(1, FsWritten)
-        await client.send(encode(2, FsRead(path="big"), SESSION_START))
-        assert await client.until(2, FsData)
-        reply = next(f for f in client.frames if f.id == 2)
-        assert reply.terminal and reply.msg == FsData(data=data[:FS_CHUNK])  # one chunk
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            await client.send(frame)
+            assert await client.reply(1) == FsWritten(written=len(data))
+            await client.send(encode(2, FsRead(path=big), SESSION_START))
+            assert await client.reply(2) == FsData(data=data[:FS_CHUNK])  # one chunk
         await assert_healthy(host_agent, fds)
 
 
@@ -434,79 +449,72 @@ async def test_requests_before_the_handshake_and_reused_ids_fail_cleanly(
     fds = host_agent.fds()
     with trio.fail_after(STEP):
         # a request before Hello
-        client = await Raw.open(host_agent)
-        await client.send(encode(1, Ping(), SESSION_START))
-        await client.until_eof()
-        client.assert_clean_failure()
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.send(encode(1, Ping(), SESSION_START))
+            await client.until_eof()
+            client.assert_clean_failure()
         # a wrong protocol version
-        client = await Raw.open(host_agent)
-        await client.send(encode(0, Hello(version=PROTOCOL_VERSION + 1), SESSION_START))
-        await client.until_eof()
-        client.assert_clean_failure()
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.send(encode(0, Hello(version=PROTOCOL_VERSION + 1), SESSION_START))
+            await client.until_eof()
+            client.assert_clean_failure()
         # a request on an id that a running exec holds: the connection fails, the exec dies
-        client = await Raw.open(host_agent)
-        await client.hello()
-        await client.send(encode(1, Exec(cmd="cat", interactive=True), SESSION_START))
-        await client.send(encode(1, Ping(), SESSION_START))
-        await client.until_eof()
-        client.assert_clean_failure()
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            await client.send(encode(1, Exec(cmd="cat", interactive=True), SESSION_START))
+            await client.send(encode(1, Ping(), SESSION_START))
+            await client.until_eof()
+            client.assert_clean_failure()
         # follow-ups and Cancel for ids nobody opened are ignored
-        client = await Raw.open(host_agent)
-        await client.hello()
-        for msg in (Cancel(), ExecCredit(bytes=5), ExecStdin(data=b"x"), ExecSignal(signal=9)):
-            await client.send(encode(3, msg))
-        await client.send(encode(4, Ping(), SESSION_START))
-        assert await client.until(4, Pong)
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            for msg in (Cancel(), ExecCredit(bytes=5), ExecStdin(data=b"x"), ExecSignal(signal=9)):
+                await client.send(encode(3, msg))
+            await client.send(encode(4, Ping(), SESSION_START))
+            assert await client.until(4, Pong)
         await assert_healthy(host_agent, fds)
-
-
-async def test_the_agent_is_healthy_after_the_fuzzing(host_agent: HostAgent) -> None:
-    """Runs last in this module: every fuzz test above shared this agent."""
-    with trio.fail_after(STEP):
-        client = await Raw.open(host_agent)
-        await client.hello()
-        await client.send(encode(1, Exec(cmd="echo", args=["still", "here"]), SESSION_START))
-        out = b""
-        while not any(f.id == 1 and f.terminal for f in client.frames):
-            await client._pump()
-        for f in client.frames:
-            if f.id == 1 and hasattr(f.msg, "data"):
-                out += f.msg.data
-        assert out == b"still here\n"
-        await client.aclose()
-    fds = len(os.listdir(f"/proc/{host_agent.agent_pid()}/fd"))
-    # listening socket, stdio, the epoll and self-pipe of asyncio: a handful, not one
-    # per connection the fuzzing opened
-    assert fds < 16, fds
-    assert await wait_until(lambda: not host_agent.children(), timeout=5)
 
 
 async def test_out_of_range_numbers_in_fs_requests_are_fs_errors(host_agent: HostAgent) -> None:
     """Found by the fuzzing: a mode or offset past the C types was an internal
     ``agent_error`` (with a traceback in the agent's log), not an fs error."""
+    probe = f"{host_agent.fixed}/probe.txt"
     cases: list[Message] = [
-        FsMkdir(path="m", mode=2**40),
-        FsWrite(path="w", data=b"x", mode=2**40),
-        FsWrite(path="w", data=b"x", offset=2**63),
-        FsRead(path="probe.txt", offset=2**63),
-        FsRead(path="probe.txt", length=2**64 - 1),
+        FsMkdir(path=f"{host_agent.fixed}/m", mode=2**40),
+        FsWrite(path=f"{host_agent.fixed}/w", data=b"x", mode=2**40),
+        FsWrite(path=f"{host_agent.fixed}/w", data=b"x", offset=2**63),
+        FsRead(path=probe, offset=2**63),
+        FsRead(path=probe, length=2**64 - 1),
     ]
     with trio.fail_after(STEP):
-        client = await Raw.open(host_agent)
-        await client.hello()
-        await client.send(encode(1, FsWrite(path="probe.txt", data=b"abc"), SESSION_START))
-        assert await client.until(1, FsWritten)
-        for n, msg in enumerate(cases, start=2):
-            await client.send(encode(n, msg, SESSION_START))
-            assert await client.until(n, Message)
-            reply = next(f for f in client.frames if f.id == n)
-            assert reply.terminal
-            if isinstance(reply.msg, ErrorReply):
-                assert reply.msg.code.startswith("fs_"), (msg, reply.msg)
-            else:
-                assert isinstance(reply.msg, FsData), (msg, reply.msg)  # a clamped read
-        await client.aclose()
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            await client.send(encode(1, FsWrite(path=probe, data=b"abc"), SESSION_START))
+            assert await client.reply(1) == FsWritten(written=3)
+            for n, msg in enumerate(cases, start=2):
+                await client.send(encode(n, msg, SESSION_START))
+                reply = await client.reply(n)
+                if isinstance(reply, ErrorReply):
+                    assert reply.code.startswith("fs_"), (msg, reply)
+                else:
+                    assert isinstance(reply, FsData), (msg, reply)  # a clamped read
+
+
+async def test_the_agent_is_healthy_after_the_fuzzing(host_agent: HostAgent) -> None:
+    """Runs last in this module: every fuzz test above shared this agent."""
+    with trio.fail_after(STEP):
+        async with Raw.connect(host_agent) as client:
+            await client.hello()
+            await client.send(encode(1, Exec(cmd="echo", args=["still", "here"]), SESSION_START))
+            out = b""
+            while not any(f.id == 1 and f.terminal for f in client.frames):
+                await client._pump()
+            for f in client.frames:
+                if f.id == 1 and hasattr(f.msg, "data"):
+                    out += f.msg.data
+            assert out == b"still here\n"
+    fds = len(os.listdir(f"/proc/{host_agent.agent_pid()}/fd"))
+    # listening socket, stdio, the epoll and self-pipe of asyncio: a handful, not one
+    # per connection the fuzzing opened
+    assert fds < 16, fds
+    assert await wait_until(lambda: not host_agent.children(), timeout=5)
