@@ -17,7 +17,7 @@ works for processes that are not our children.
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import signal
 import subprocess
@@ -203,14 +203,14 @@ class HeldProcess:
         }
         await trio.lowlevel.checkpoint()
         with popen.stdin:
-            popen.stdin.write(json.dumps(config).encode())  # a few KiB: fits the pipe
+            popen.stdin.write(marshal.dumps(config))  # a few KiB: fits the pipe
         with popen.stdout:
             report = await _read_report(popen.stdout.fileno())
         if report is None:
             tail = (root / "agent.log").read_bytes()[-2000:].decode(errors="replace").strip()
             raise Runtime(f"sandbox {spec.name!r}: its keeper failed: {tail or 'no report'}")
-        self.pid = int(report["pid"])
-        self.pid_start = report.get("start")
+        self.pid, start = report
+        self.pid_start = None if start < 0 else start
         _held.add(self)
 
     def kill(self) -> None:
@@ -268,7 +268,8 @@ def open_keeper(plan: BwrapPlan, *, spec: SandboxSpec, root: Path, db_path: Path
     )
 
 
-async def _read_report(fd: int) -> dict[str, Any] | None:
+async def _read_report(fd: int) -> tuple[int, int] | None:
+    """The keeper's ``"<bwrap pid> <start time>"`` line (None if it ended without one)."""
     stream = trio.lowlevel.FdStream(os.dup(fd))
     data = b""
     async with stream:
@@ -279,10 +280,10 @@ async def _read_report(fd: int) -> dict[str, Any] | None:
                     break
                 data += chunk
     try:
-        report = json.loads(data.split(b"\n", 1)[0])
+        pid, start = (int(field) for field in data.split(b"\n", 1)[0].split())
     except ValueError:
         return None
-    return report if isinstance(report, dict) and isinstance(report.get("pid"), int) else None
+    return (pid, start) if pid > 0 else None
 
 
 async def connect_agent(root: Path, name: str) -> trio.abc.Stream:

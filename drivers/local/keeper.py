@@ -8,13 +8,13 @@ the state db, attach to its agent socket, stop it and remove it.
 
 Protocol with the creator:
 
-1. stdin: one JSON object, then EOF: ``argv`` (bwrap's, cgroup-wrapped), ``pass_fds``,
-   ``env``, ``log`` (the sandbox's ``agent.log``), ``db``, ``name``, ``id`` (the record
-   id), ``root`` (the sandbox dir), ``cgroup_dirs``, ``max_duration``, ``ephemeral``,
-   ``stop_timeout``, ``kill_timeout``.
-2. The keeper starts bwrap (stdout/stderr to the log, as its own stderr), writes its own
-   pid and bwrap's, with their start times, into the record, writes
-   ``{"pid": N, "start": T}`` and a newline to stdout and closes it.
+1. stdin: one ``marshal``-ed dict, then EOF: ``argv`` (bwrap's, cgroup-wrapped,
+   ``argv[0]`` absolute), ``pass_fds``, ``env``, ``log`` (the sandbox's ``agent.log``),
+   ``db``, ``name``, ``id`` (the record id), ``root`` (the sandbox dir), ``cgroup_dirs``,
+   ``max_duration``, ``ephemeral``, ``stop_timeout``, ``kill_timeout``.
+2. The keeper starts bwrap (stdout/stderr to the log, as its own stderr), writes
+   ``"<bwrap pid> <its start time>\\n"`` to stdout and closes it, then writes its own pid
+   and bwrap's, with their start times, into the record.
 3. It waits for bwrap. A SIGTERM to the keeper, or ``max_duration``, stops the sandbox:
    the record is marked stop-requested, every process of the sandbox gets SIGTERM (the
    agent shuts down gracefully), the sandbox's init SIGKILL after ``stop_timeout``, bwrap
@@ -29,23 +29,28 @@ Protocol with the creator:
 Every db write names the record id and this keeper's pid, so a keeper never touches a
 newer sandbox of the same name. The SQL follows ``corral.actors.registry``'s schema.
 
-This module is also imported (``process_start``, ``read_exit``): keep it stdlib-only.
+Lean on purpose (it runs once per detached sandbox and its start-up is on the create
+path): builtin modules only until bwrap runs (``marshal``, ``posix_spawn``); sqlite3,
+json and shutil load afterwards. Also imported for ``process_start`` and ``read_exit``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import marshal
 import os
 import select
-import shutil
-import signal
-import sqlite3
-import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any
+
+# ``typing`` would cost ~8 ms and ``signal`` ~5 ms (it loads ``enum``): annotations are not
+# evaluated at run time, and the builtin ``_signal`` has the same functions and constants.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    import sqlite3
+    from typing import Any
+else:
+    import _signal as signal
 
 __all__ = ["process_start", "read_exit", "sandbox_tree"]
 
@@ -99,12 +104,16 @@ def sandbox_tree(top: int) -> list[int]:
 
 
 def _connect(db: str) -> sqlite3.Connection:
+    import sqlite3
+
     return sqlite3.connect(db, timeout=BUSY_TIMEOUT, isolation_level=None)
 
 
 def read_exit(db: str | os.PathLike[str], name: str, id: str) -> tuple[int | None, int | None]:
     """(exit_code, exit_signal) recorded for the record ``name``/``id``; (None, None) when
     there is none (yet, or the record is gone)."""
+    import sqlite3
+
     try:
         con = _connect(os.fspath(db))
         try:
@@ -122,18 +131,28 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
 class Keeper:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.name: str = config["name"]
         self.id: str = config["id"]
-        self.root = Path(config["root"])
+        self.root: str = config["root"]
         self.pid = os.getpid()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.bwrap = 0
+        self.code: int | None = None
         self.stop_asked = False
 
     # -- the db
     def _write(self, sql: str, *args: Any) -> int:
+        import sqlite3
+
         try:
             con = _connect(self.config["db"])
             try:
@@ -144,13 +163,13 @@ class Keeper:
             print(f"corral-keeper: state db: {exc}", file=sys.stderr)
             return 0
 
-    def record_start(self, bwrap: int, bwrap_start: int | None) -> None:
+    def record_start(self, bwrap_start: int | None) -> None:
         self._write(
             "UPDATE sandbox SET keeper_pid = ?, keeper_start = ?, pid = ?, pid_start = ?, "
             "updated_at = ? WHERE name = ? AND id = ?",
             self.pid,
             process_start(self.pid),
-            bwrap,
+            self.bwrap,
             bwrap_start,
             _now_us(),
             self.name,
@@ -179,6 +198,8 @@ class Keeper:
                 self.id,
                 self.pid,
             )
+            import shutil
+
             shutil.rmtree(self.root, ignore_errors=True)
             return
         now = _now_us()
@@ -200,6 +221,9 @@ class Keeper:
         )
 
     def _nobody_restarts(self) -> bool:
+        import json
+        import sqlite3
+
         try:
             con = _connect(self.config["db"])
             try:
@@ -220,54 +244,59 @@ class Keeper:
 
     # -- the sandbox
     def start(self) -> int:
+        """posix_spawn bwrap: it inherits exactly stdio and ``pass_fds`` (every other fd
+        here is close-on-exec)."""
         config = self.config
         log = os.open(config["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(log, 2)
-        fds = [int(fd) for fd in config["pass_fds"]]
-        self.proc = subprocess.Popen(
-            config["argv"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=fds,
-            close_fds=True,
-            cwd="/",
-            env=config["env"],
+        argv = list(config["argv"])
+        self.bwrap = os.posix_spawn(
+            argv[0],
+            argv,
+            config["env"],
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log, 1),
+                (os.POSIX_SPAWN_DUP2, log, 2),
+            ],
         )
         os.close(log)
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        return self.proc.pid
+        for fd in config["pass_fds"]:
+            _quietly(os.close, int(fd))
+        return self.bwrap
+
+    def _poll(self) -> int | None:
+        if self.code is None:
+            try:
+                pid, status = os.waitpid(self.bwrap, os.WNOHANG)
+            except ChildProcessError:
+                return self.code
+            if pid == self.bwrap:
+                self.code = os.waitstatus_to_exitcode(status)
+        return self.code
 
     def _signal_init(self, sig: int) -> None:
-        assert self.proc is not None
-        tree = sandbox_tree(self.proc.pid)
-        targets = tree if sig == signal.SIGTERM else tree[:1]
-        for pid in targets:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
+        tree = sandbox_tree(self.bwrap)
+        for pid in tree if sig == signal.SIGTERM else tree[:1]:
+            _quietly(os.kill, pid, sig)
 
     def wait(self) -> int:
         """Wait for bwrap, stopping the sandbox on SIGTERM or at ``max_duration``."""
-        proc = self.proc
-        assert proc is not None
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         poller = select.poll()
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(self.bwrap)
         poller.register(pidfd, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         max_duration = self.config.get("max_duration")
         deadline = None if max_duration is None else time.monotonic() + float(max_duration)
         phase = "running"
-        while proc.poll() is None:
+        while self._poll() is None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             poller.poll(None if left is None else int(left * 1000) + 1)
-            with contextlib.suppress(OSError):
-                os.read(wake_r, 512)
-            if proc.poll() is not None:
+            _quietly(os.read, wake_r, 512)
+            if self._poll() is not None:
                 break
             now = time.monotonic()
             if phase == "running" and self.stop_asked:
@@ -282,11 +311,11 @@ class Keeper:
                     deadline = now + float(self.config.get("kill_timeout", 5.0))
                     phase = "killing"
                 else:
-                    with contextlib.suppress(OSError):
-                        proc.kill()
+                    _quietly(os.kill, self.bwrap, signal.SIGKILL)
                     deadline = None
         os.close(pidfd)
-        return proc.returncode
+        assert self.code is not None
+        return self.code
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stop_asked = True
@@ -297,23 +326,25 @@ class Keeper:
         return time.monotonic() + float(self.config.get("stop_timeout", 10.0))
 
     def clean_up(self) -> None:
-        dirs = [Path(d) for d in self.config.get("cgroup_dirs", [])]
+        dirs: list[str] = list(self.config.get("cgroup_dirs", []))
         give_up = time.monotonic() + 5.0
         while dirs and time.monotonic() < give_up:
             for d in dirs:
-                kill = d / "cgroup.kill"
-                if kill.exists():
-                    with contextlib.suppress(OSError):
-                        kill.write_text("1")
+                kill = os.path.join(d, "cgroup.kill")
+                if os.path.exists(kill):
+                    _quietly(_write_file, kill, "1")
                     continue
-                with contextlib.suppress(OSError):
-                    for pid in (d / "cgroup.procs").read_text().split():
-                        with contextlib.suppress(OSError):
-                            os.kill(int(pid), signal.SIGKILL)
+                try:
+                    with open(os.path.join(d, "cgroup.procs")) as f:
+                        pids = f.read().split()
+                except OSError:
+                    pids = []
+                for pid in pids:
+                    _quietly(os.kill, int(pid), signal.SIGKILL)
             left = []
             for d in dirs:
                 try:
-                    d.rmdir()
+                    os.rmdir(d)
                 except FileNotFoundError:
                     pass
                 except OSError:
@@ -322,25 +353,30 @@ class Keeper:
             if dirs:
                 time.sleep(0.01)
         for d in self.config.get("cgroup_dirs", []):
-            with contextlib.suppress(OSError):
-                Path(d).parent.rmdir()  # only when empty: other sandboxes keep it
-        shutil.rmtree(self.root / "run", ignore_errors=True)
+            _quietly(os.rmdir, os.path.dirname(d))  # only when empty: others keep it
+        import shutil
+
+        shutil.rmtree(os.path.join(self.root, "run"), ignore_errors=True)
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def main() -> int:
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
-    config = json.loads(sys.stdin.buffer.read())
+    config = marshal.loads(sys.stdin.buffer.read())
     keeper = Keeper(config)
     bwrap = keeper.start()
     start = process_start(bwrap)
-    keeper.record_start(bwrap, start)
-    with contextlib.suppress(OSError):
-        os.write(1, json.dumps({"pid": bwrap, "start": start}).encode() + b"\n")
+    _quietly(os.write, 1, f"{bwrap} {-1 if start is None else start}\n".encode())
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
+    keeper.record_start(start)
     code = keeper.wait()
     keeper.clean_up()
     keeper.record_end(code)
