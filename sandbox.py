@@ -263,6 +263,17 @@ class Sandbox:
         """Wait (no polling) until the sandbox is stopped or crashed; return which."""
         return await self._actor.status.wait_for(lambda s: s.terminal)
 
+    async def wait_status(self, *wanted: SandboxStatus | str) -> SandboxStatus:
+        """Wait (no polling) until the status is one of ``wanted`` and return it; with
+        none given, wait for the next change."""
+        if not wanted:
+            return await self._actor.status.wait_change()
+        try:
+            targets = {SandboxStatus(w) for w in wanted}
+        except ValueError:
+            raise InvalidConfig(f"unknown sandbox status in {wanted!r}") from None
+        return await self._actor.status.wait_for(lambda s: s in targets)
+
     async def ping(self) -> None:
         await self._actor.ask_as(Ping(), Pong)
 

@@ -243,6 +243,31 @@ async def test_restart_after_a_crash_follows_the_policy(
                 await sb.exec("echo")
 
 
+async def test_the_status_is_watchable_through_a_restart() -> None:
+    async with harness() as (driver, sup):
+        sb = await sup.create("a", restart="permanent")
+        seen: list[SandboxStatus] = []
+
+        async def watch() -> None:
+            while True:
+                seen.append(await sb.wait_status())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await trio.testing.wait_all_tasks_blocked()
+            driver.processes["a"].crash(1)
+            assert await sb.wait_status("running", SandboxStatus.STARTING) in (
+                SandboxStatus.STARTING,
+                SandboxStatus.RUNNING,
+            )
+            assert await sb.wait_status("running") is SandboxStatus.RUNNING
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert seen and seen[-1] is SandboxStatus.RUNNING  # (changes may coalesce)
+        with pytest.raises(InvalidConfig):
+            await sb.wait_status("paused")
+
+
 async def test_a_requested_stop_is_never_restarted() -> None:
     async with harness() as (driver, sup):
         sb = await sup.create("a", restart="permanent")
