@@ -26,6 +26,7 @@ import binascii
 import builtins
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,13 +36,14 @@ from typing import Any
 import msgspec
 
 from ..drivers.base import ProcessIds, SandboxSpec
-from ..errors import InvalidConfig, Runtime, SandboxAlreadyExists
+from ..errors import InvalidConfig, Runtime, SandboxAlreadyExists, SandboxNotFound
 from .lifecycle import RestartPolicy
 from .sandbox import SandboxInfo
 from .state import SandboxStatus
 
 __all__ = [
     "BUSY_TIMEOUT",
+    "INTERNAL_PREFIX",
     "Registry",
     "SandboxList",
     "SandboxRecord",
@@ -54,6 +56,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+INTERNAL_PREFIX = "_"
+"""Names starting with it are never a user's (names start with a letter or a digit):
+records of a warm pool's idle sandboxes, which ``page`` (``list``) leaves out."""
 BUSY_TIMEOUT = 5.0
 """Seconds a statement waits for another process's write lock."""
 
@@ -334,21 +339,41 @@ class Registry:
                 target, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
             self._db.row_factory = sqlite3.Row
-            if path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
-            self._db.execute("CREATE INDEX IF NOT EXISTS sandbox_status ON sandbox (status)")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
-                raise Runtime(
-                    f"state db {path} has schema version {version}; this corral knows "
-                    f"{SCHEMA_VERSION}: upgrade corral or use another CORRAL_HOME"
-                )
         except sqlite3.Error as exc:
             raise Runtime(f"cannot open the state db {path or ':memory:'}: {exc}") from exc
+        # Two processes opening a new db at once: switching to WAL and creating the
+        # schema can report "database is locked" without waiting on the busy timeout,
+        # so retry until it is spent.
+        deadline = time.monotonic() + busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                self._init_schema(path)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    self._db.close()
+                    raise Runtime(f"cannot open the state db {path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                self._db.close()
+                raise Runtime(f"cannot open the state db {path or ':memory:'}: {exc}") from exc
+            time.sleep(delay)  # this runs in a worker thread (see open_supervisor)
+            delay = min(delay * 2, 0.1)
+
+    def _init_schema(self, path: Path | None) -> None:
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._db.execute("CREATE INDEX IF NOT EXISTS sandbox_status ON sandbox (status)")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version > SCHEMA_VERSION:
+            raise Runtime(
+                f"state db {path} has schema version {version}; this corral knows "
+                f"{SCHEMA_VERSION}: upgrade corral or use another CORRAL_HOME"
+            )
 
     def __repr__(self) -> str:
         return f"<Registry {self.path or ':memory:'}>"
@@ -385,6 +410,25 @@ class Registry:
             return existing
         return None
 
+    def rename(self, name: str, id: str, record: SandboxRecord) -> SandboxRecord | None:
+        """Turn the record ``name``/``id`` into ``record`` (a new name and id: a warm
+        pool's sandbox claimed by a create) in one UPDATE, so the new name is claimed
+        atomically, as by :meth:`claim`. None on success, else the record holding
+        ``record.name`` now; SandboxNotFound when ``name``/``id`` is gone."""
+        row = record.row()
+        sets = ", ".join(f"{column} = :{column}" for column in _COLUMNS)
+        sql = f"UPDATE sandbox SET {sets} WHERE name = :_name AND id = :_id"
+        try:
+            cursor = self._run(sql, {**row, "_name": name, "_id": id})
+        except sqlite3.IntegrityError:
+            existing = self.get(record.name)
+            if existing is None:
+                raise SandboxAlreadyExists(f"sandbox {record.name!r} already exists") from None
+            return existing
+        if cursor.rowcount == 0:
+            raise SandboxNotFound(f"sandbox {name!r} not found")
+        return None
+
     def update(self, name: str, id: str, *, where: str = "", **fields: Any) -> bool:
         """Set ``fields`` on the record ``name`` if its id is still ``id``; True if it was.
 
@@ -418,16 +462,18 @@ class Registry:
     def page(
         self, cursor: str | None = None, limit: int | None = None
     ) -> tuple[builtins.list[SandboxRecord], str | None]:
-        """Records by name after ``cursor``, at most ``limit``; and the next cursor."""
+        """Records by name after ``cursor``, at most ``limit``; and the next cursor.
+        Internal records (a warm pool's idle sandboxes, :data:`INTERNAL_PREFIX`) are
+        left out."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             raise InvalidConfig(f"limit must be a whole number, got {limit!r}")
         if limit is not None and limit < 1:
             raise InvalidConfig(f"limit must be at least 1, got {limit}")
         after = None if cursor is None else _decode_cursor(cursor)
-        sql = "SELECT * FROM sandbox"
+        sql = f"SELECT * FROM sandbox WHERE substr(name, 1, 1) != '{INTERNAL_PREFIX}'"
         args: builtins.list[Any] = []
         if after is not None:
-            sql += " WHERE name > ?"
+            sql += " AND name > ?"
             args.append(after)
         sql += " ORDER BY name"
         if limit is not None:

@@ -233,30 +233,38 @@ async def test_the_record_of_a_sigkilled_owner_is_reaped(
 
 async def test_one_name_raced_by_two_processes(local_backend: LocalBackend, script: Path) -> None:
     name = f"race-{uuid.uuid4().hex[:8]}"
-    with trio.fail_after(60):
-        procs = [
-            await trio.lowlevel.open_process(
-                [sys.executable, str(script), str(local_backend.home), name, "race"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            for _ in range(2)
-        ]
-        for proc in procs:  # both supervisors are open before the go
-            assert await readline(proc) == b"up"
-        for proc in procs:
-            assert proc.stdin is not None
-            await proc.stdin.send_all(b"go\n")
-        answers = sorted([await readline(proc) for proc in procs])
-        assert answers == [b'{"won": false}', b'{"won": true}']
-        for proc in procs:
-            assert proc.stdin is not None
-            await proc.stdin.send_all(b"done\n")
-            await proc.wait()
-            await proc.stdin.aclose()
-            assert proc.stdout is not None
-            await proc.stdout.aclose()
-            assert proc.returncode == 0
+    procs: list[trio.Process] = []
+    try:
+        with trio.fail_after(60):
+            for _ in range(2):
+                procs.append(
+                    await trio.lowlevel.open_process(
+                        [sys.executable, str(script), str(local_backend.home), name, "race"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                    )
+                )
+            for proc in procs:  # both supervisors are open before the go
+                assert await readline(proc) == b"up"
+            for proc in procs:
+                assert proc.stdin is not None
+                await proc.stdin.send_all(b"go\n")
+            answers = sorted([await readline(proc) for proc in procs])
+            assert answers == [b'{"won": false}', b'{"won": true}']
+            for proc in procs:
+                assert proc.stdin is not None
+                await proc.stdin.send_all(b"done\n")
+                await proc.wait()
+                assert proc.returncode == 0
+    finally:
+        with trio.CancelScope(shield=True):
+            for proc in procs:  # a failed run must not leak children or pipes
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        await pipe.aclose()
     assert not processes_matching(name)
 
 
