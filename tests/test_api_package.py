@@ -55,10 +55,11 @@ def test_version_comes_from_package_metadata() -> None:
 
 
 def test_backend_names_load_lazily() -> None:
-    backend = pytest.importorskip("corral.backend")
-    if not hasattr(backend, "default_backend"):
-        pytest.skip("corral.backend does not provide default_backend yet")
+    import corral.backend as backend
+
     assert corral.default_backend is backend.default_backend
+    assert corral.set_default_backend is backend.set_default_backend
+    assert corral.backend_scope is backend.backend_scope
 
 
 def test_unknown_attribute() -> None:

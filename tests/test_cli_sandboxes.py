@@ -411,8 +411,6 @@ async def test_exec_streams_output_stdin_and_exit_code(
 async def test_logs_and_metrics_of_a_real_sandbox(
     local_sup: corral.Supervisor, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    if not hasattr(corral.Sandbox, "metrics_stream") or not hasattr(corral.Sandbox, "logs"):
-        pytest.skip("sandbox logs and metrics are not in yet")
     with trio.fail_after(60):
         await local_sup.create("cli-look")
         capfd.readouterr()
@@ -448,10 +446,6 @@ def _corral(
 
 @pytest.mark.integration
 def test_create_exec_ls_rm_across_processes(local_backend: Any, corral_home: Path) -> None:
-    from corral.drivers.local import LocalDriver
-
-    if "attach" not in vars(LocalDriver):
-        pytest.skip("the local driver cannot keep detached sandboxes yet")
     env = {**os.environ, "CORRAL_HOME": str(corral_home)}
     name = f"cli-{uuid.uuid4().hex[:6]}"
     try:
