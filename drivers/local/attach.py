@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ...actors.registry import process_alive, signal_process
 from ...errors import Runtime
 from ..base import ExitStatus, ProcessIds, SandboxProcess, SandboxSpec
 from . import launch
@@ -46,30 +47,6 @@ _held: set[HeldProcess] = set()
 """Keepers started here and not reaped yet (a released one is reaped by a later start)."""
 
 
-def _same(pid: int | None, start: int | None) -> bool:
-    now = process_start(pid)
-    return now is not None and (start is None or now == start)
-
-
-def _signal(pid: int | None, start: int | None, sig: int) -> bool:
-    """``sig`` to ``pid`` if it is still the recorded process (through a pidfd)."""
-    if pid is None:
-        return False
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if not _same(pid, start):
-            return False
-        signal.pidfd_send_signal(fd, sig)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 async def _wait_gone(pid: int, start: int | None) -> None:
     """Wait (no polling) until ``pid`` is no longer the recorded process."""
     while True:
@@ -78,7 +55,7 @@ async def _wait_gone(pid: int, start: int | None) -> None:
         except OSError:
             return
         try:
-            if not _same(pid, start):
+            if not process_alive(pid, start):
                 return
             await trio.lowlevel.wait_readable(fd)
         finally:
@@ -141,7 +118,7 @@ class HeldProcess:
             if code is None:
                 return None
             _held.discard(self)
-        elif _same(*self._watched()):
+        elif process_alive(*self._watched()):
             return None
         else:
             code = None
@@ -221,8 +198,8 @@ class HeldProcess:
             for pipe in (self._popen.stdin, self._popen.stdout):  # a hand-over cut short
                 if pipe is not None:
                     pipe.close()
-        elif not _signal(self.keeper_pid, self.keeper_start, signal.SIGKILL):
-            _signal(self.pid, self.pid_start, signal.SIGKILL)
+        elif not signal_process(self.keeper_pid, self.keeper_start, signal.SIGKILL):
+            signal_process(self.pid, self.pid_start, signal.SIGKILL)
 
 
 def _prune() -> None:
@@ -345,7 +322,7 @@ class KeptSandbox(SandboxProcess):
         return sampler.sample()
 
     async def terminate(self) -> None:
-        if self.init_pid is not None and _same(self.init_pid, self._ids.init_start):
+        if self.init_pid is not None and process_alive(self.init_pid, self._ids.init_start):
             for pid in launch.sandbox_pids(self.init_pid):
                 try:
                     os.kill(pid, signal.SIGTERM)
@@ -355,8 +332,8 @@ class KeptSandbox(SandboxProcess):
 
     async def kill(self) -> None:
         ids = self._ids
-        if not _signal(ids.init_pid, ids.init_start, signal.SIGKILL):
-            _signal(ids.pid, ids.pid_start, signal.SIGKILL)
+        if not signal_process(ids.init_pid, ids.init_start, signal.SIGKILL):
+            signal_process(ids.pid, ids.pid_start, signal.SIGKILL)
         await trio.lowlevel.checkpoint()
 
     @property
@@ -379,7 +356,7 @@ class KeptSandbox(SandboxProcess):
                 with trio.move_on_after(2.0):
                     await self.wait()
             if self.exit_status is None:
-                _signal(self._ids.pid, self._ids.pid_start, signal.SIGKILL)
+                signal_process(self._ids.pid, self._ids.pid_start, signal.SIGKILL)
                 with trio.move_on_after(3.0):
                     await self.wait()
         self._cleaned = True
@@ -390,8 +367,8 @@ async def attach_local(
 ) -> KeptSandbox:
     """The running sandbox the record describes; Runtime when it is not there any more."""
     await trio.lowlevel.checkpoint()
-    if ids.pid is None or not _same(ids.pid, ids.pid_start):
+    if ids.pid is None or not process_alive(ids.pid, ids.pid_start):
         raise Runtime(f"sandbox {spec.name!r} is not running any more (pid {ids.pid} is gone)")
-    if ids.keeper_pid is not None and not _same(ids.keeper_pid, ids.keeper_start):
+    if ids.keeper_pid is not None and not process_alive(ids.keeper_pid, ids.keeper_start):
         raise Runtime(f"sandbox {spec.name!r}: its keeper (pid {ids.keeper_pid}) is gone")
     return KeptSandbox(spec, root, ids, db_path)
