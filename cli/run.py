@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import uuid
 from typing import Any
 
@@ -61,12 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def run_command(cmd: list[str], options: dict[str, Any]) -> int:
     from .. import open_supervisor
-    from ..protocol import ExecExited, ExecStderr, ExecStdout
+    from .sandboxes import stream_exec
 
-    out = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
-    err = trio.lowlevel.FdStream(os.dup(sys.stderr.fileno()))
-    code = 1
-    async with out, err, open_supervisor() as sup:
+    async with open_supervisor() as sup:
         sb = await sup.create(
             options["name"],
             image=options["image"],
@@ -75,17 +70,10 @@ async def run_command(cmd: list[str], options: dict[str, Any]) -> int:
             network=options["network"],
         )
         try:
-            async with sb.exec_stream(cmd[0], cmd[1:], timeout=options["timeout"]) as proc:
-                await proc.close_stdin()
-                async for event in proc:
-                    if isinstance(event, ExecStdout):
-                        await out.send_all(event.data)
-                    elif isinstance(event, ExecStderr):
-                        await err.send_all(event.data)
-                    elif isinstance(event, ExecExited):
-                        code = event.exit_code
+            return await stream_exec(
+                sb, cmd, env={}, cwd=None, timeout=options["timeout"], stdin=False
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await sb.stop(timeout=2.0)
                 await sup.remove(sb.name)
-    return code
