@@ -35,6 +35,7 @@ def build_spec(
     memory_mib: int | None,
     pids_limit: int | None,
     detached: bool,
+    tmp_size_mib: int | None = None,
     labels: Mapping[str, str] | None,
     ephemeral: bool,
     idle_timeout: float | None,
@@ -45,6 +46,7 @@ def build_spec(
     check_positive("cpus", cpus, integer=False)
     check_positive("memory_mib", memory_mib, integer=True)
     check_positive("pids_limit", pids_limit, integer=True)
+    check_positive("tmp_size_mib", tmp_size_mib, integer=True)
     idle = check_duration("idle_timeout", idle_timeout)
     longest = check_duration("max_duration", max_duration)
     if not isinstance(image, str) or not image:
@@ -71,6 +73,7 @@ def build_spec(
         cpus=cpus,
         memory_mib=memory_mib,
         pids_limit=pids_limit,
+        tmp_size_mib=tmp_size_mib,
         detached=bool(detached),
         labels=tags,
         ephemeral=bool(ephemeral),

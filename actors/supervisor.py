@@ -108,6 +108,7 @@ class Supervisor:
         cpus: float | None = None,
         memory_mib: int | None = None,
         pids_limit: int | None = None,
+        tmp_size_mib: int | None = None,
         detached: bool = False,
         labels: Mapping[str, str] | None = None,
         start: bool = True,
@@ -121,7 +122,9 @@ class Supervisor:
     ) -> Sandbox:
         """Create a sandbox and (unless ``start=False``) start it: the handle comes back
         once its agent answers. ``start=False`` records it as ``created``; ``sb.start()``
-        starts it. See the module docstring for ``detached`` and the lifecycle options."""
+        starts it. See the module docstring for ``detached`` and the lifecycle options.
+        Limits left None (``cpus``, ``memory_mib``, ``pids_limit``, ``tmp_size_mib``: the
+        size of ``/tmp``) take the driver's defaults (the LocalBackend's)."""
         if future:
             raise Unsupported(
                 f"sandbox option {', '.join(sorted(future))}", "in a later corral version"
@@ -135,6 +138,7 @@ class Supervisor:
             cpus=cpus,
             memory_mib=memory_mib,
             pids_limit=pids_limit,
+            tmp_size_mib=tmp_size_mib,
             detached=detached,
             labels=labels,
             ephemeral=ephemeral,

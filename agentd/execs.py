@@ -36,6 +36,7 @@ from ..protocol.messages import (
     ExecStdin,
     ExecStdout,
 )
+from .oomscore import oom_score
 
 if TYPE_CHECKING:
     import asyncio
@@ -228,15 +229,16 @@ class ExecSession:
         err_r, err_w = os.pipe()
         ours = (in_w, out_r, err_r)
         try:
-            self.popen = subprocess.Popen(
-                self._argv(),
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=self.req.cwd,
-                env=env,
-                start_new_session=True,
-            )
+            with oom_score.for_command():  # the command starts at 500: see oomscore.py
+                self.popen = subprocess.Popen(
+                    self._argv(),
+                    stdin=in_r,
+                    stdout=out_w,
+                    stderr=err_w,
+                    cwd=self.req.cwd,
+                    env=env,
+                    start_new_session=True,
+                )
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -260,16 +262,17 @@ class ExecSession:
         try:
             self.master = master
             self._set_winsize(self.req.rows, self.req.cols)
-            self.popen = subprocess.Popen(
-                self._argv(),
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=self.req.cwd,
-                env=env,
-                start_new_session=True,
-                preexec_fn=make_controlling_tty,
-            )
+            with oom_score.for_command():
+                self.popen = subprocess.Popen(
+                    self._argv(),
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=self.req.cwd,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=make_controlling_tty,
+                )
         except BaseException:
             os.close(master)
             self.master = -1

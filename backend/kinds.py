@@ -38,6 +38,8 @@ DB_FILENAME = "state.db"
 
 _MAX_CPUS = 255  # the seed stores cpus as a u8
 _MAX_MEMORY_MIB = 2**32 - 1  # ... and memory as a u32
+_MAX_PIDS = 4_194_304  # the kernel's PID_MAX_LIMIT
+_MAX_TMPFS_MIB = 2**32 - 1
 
 StrPath: TypeAlias = "str | os.PathLike[str]"
 
@@ -106,6 +108,14 @@ class LocalBackend:
     ``metrics_sample_interval_ms=0`` disables metrics sampling, like
     ``disable_metrics_sample=True`` (as in the seed, where 0 maps to "off").
 
+    Per-sandbox defaults, used when ``create`` leaves the option out (None), as the
+    seed's LocalBackend does: ``default_cpus`` (1 CPU of quota), ``default_memory_mib``
+    (512), ``default_pids_limit`` (1024 processes) and ``default_tmp_size_mib`` (256,
+    the size of the sandbox's ``/tmp`` tmpfs). ``shm_size_mib`` (64) and ``run_size_mib``
+    (16) size ``/dev/shm`` and ``/run``. These are limits, not reservations: nothing is
+    set aside, so many sandboxes may together promise more than the host has. tmpfs
+    pages are charged to the sandbox's memory limit as well.
+
     Instances are immutable and compare by value. ``dataclasses.replace`` works but
     passes every field, so changing ``home`` that way keeps the old sub-directories:
     build a new ``LocalBackend(home=...)`` instead.
@@ -119,6 +129,10 @@ class LocalBackend:
     db_path: Path
     default_cpus: int
     default_memory_mib: int
+    default_pids_limit: int
+    default_tmp_size_mib: int
+    shm_size_mib: int
+    run_size_mib: int
     shell: str
     workdir: str
     metrics_sample_interval_ms: int
@@ -135,6 +149,10 @@ class LocalBackend:
         db_path: StrPath | None = None,
         default_cpus: int = 1,
         default_memory_mib: int = 512,
+        default_pids_limit: int = 1024,
+        default_tmp_size_mib: int = 256,
+        shm_size_mib: int = 64,
+        run_size_mib: int = 16,
         shell: str = "/bin/sh",
         workdir: str = "/workspace",
         metrics_sample_interval_ms: int = 1000,
@@ -142,6 +160,13 @@ class LocalBackend:
     ) -> None:
         _check_int("default_cpus", default_cpus, 1, _MAX_CPUS)
         _check_int("default_memory_mib", default_memory_mib, 1, _MAX_MEMORY_MIB)
+        _check_int("default_pids_limit", default_pids_limit, 1, _MAX_PIDS)
+        for size_name, size in (
+            ("default_tmp_size_mib", default_tmp_size_mib),
+            ("shm_size_mib", shm_size_mib),
+            ("run_size_mib", run_size_mib),
+        ):
+            _check_int(size_name, size, 1, _MAX_TMPFS_MIB)
         _check_int("metrics_sample_interval_ms", metrics_sample_interval_ms, 0, 2**63 - 1)
         _check_abs_guest_path("shell", shell)
         _check_abs_guest_path("workdir", workdir)
@@ -159,6 +184,10 @@ class LocalBackend:
             "db_path": _optional_dir(db_path, root / DB_FILENAME),
             "default_cpus": default_cpus,
             "default_memory_mib": default_memory_mib,
+            "default_pids_limit": default_pids_limit,
+            "default_tmp_size_mib": default_tmp_size_mib,
+            "shm_size_mib": shm_size_mib,
+            "run_size_mib": run_size_mib,
             "shell": shell,
             "workdir": workdir,
             "metrics_sample_interval_ms": metrics_sample_interval_ms,

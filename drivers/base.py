@@ -43,6 +43,8 @@ class SandboxSpec:
     cpus: float | None = None
     memory_mib: int | None = None
     pids_limit: int | None = None
+    tmp_size_mib: int | None = None
+    """Size of the sandbox's ``/tmp`` tmpfs (local driver; None: the backend's default)."""
     detached: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
     ephemeral: bool = False

@@ -2,11 +2,12 @@
 
 - A fork bomb under ``pids_limit`` never has more processes than the limit, is cleaned
   up, and the sandbox works again afterwards.
-- Writes to the sandbox's tmpfs mounts count against ``memory_mib``.
-- Known gaps, as strict xfails (each names the fix): no disk quota on the workdir or
-  the tmpfs mounts of a sandbox created without limits, ``LocalBackend``'s default
-  memory limit never applied, and the OOM killer choosing the agent when a sandbox
-  fills its tmpfs up to its memory limit.
+- Writes to the sandbox's tmpfs mounts count against ``memory_mib``; filling them up to
+  the memory limit kills the writer, not the agent (commands start at oom_score_adj
+  500; see tests/test_hardening_oom.py).
+- A sandbox created without limits gets the backend's defaults: a memory limit, and
+  size-capped tmpfs mounts (``/tmp``, ``/dev/shm``, ``/run``).
+- Known gap, as a strict xfail (it names the fix): no disk quota on the workdir.
 """
 
 from __future__ import annotations
@@ -102,18 +103,11 @@ async def test_tmpfs_writes_count_against_the_memory_limit(
             out = await sh(sb, "dd if=/dev/zero of=/tmp/fill bs=1M count=256 2>&1; echo rc=$?")
             assert b"rc=0" not in out.stdout, out
         except corral.AgentGone:
-            pass  # see the xfail below: the OOM killer may pick the agent
+            pytest.fail("the OOM killer took the agent (commands should go first)")
         report = proc.limit_report() or ""
         assert "out of memory" in report, report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a sandbox filling its tmpfs up to memory_mib gets its agent OOM-killed "
-    "(tmpfs pages belong to no process, so the OOM killer picks the largest one: the "
-    "agent) and the whole sandbox crashes; fix: oom_score_adj -1000 for the agent "
-    "(set from the host after spawn), 0 for the commands it starts",
-)
 async def test_filling_tmp_up_to_the_memory_limit_does_not_kill_the_agent(
     sup: corral.Supervisor, need_cgroups: None
 ) -> None:
@@ -130,7 +124,7 @@ FILL = """
 import os, sys
 path, size = sys.argv[1], int(sys.argv[2])
 st = os.statvfs(os.path.dirname(path))
-if st.f_bavail * st.f_frsize < 2 * size:
+if st.f_bavail * st.f_frsize < 2 * size and path.startswith("/workspace/"):
     print("host-too-small")
     sys.exit(0)
 fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -145,14 +139,23 @@ finally:
 """
 
 
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm", "/run"])
+async def test_a_sandbox_without_limits_cannot_fill_the_host_through_its_tmpfs(
+    sup: corral.Supervisor, where: str
+) -> None:
+    """The tmpfs mounts have the backend's default sizes (256, 64 and 16 MiB)."""
+    with trio.fail_after(STEP):
+        sb = await sup.create(f"fill-{uuid.uuid4().hex[:6]}")
+        out = await sb.exec("python3", ["-c", FILL, f"{where}/fill", str(PROBE_BYTES)])
+        assert out.stdout.split() == [b"refused", b"28"], out  # ENOSPC
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="no disk quota: without limits /tmp, /dev/shm and /run are tmpfs mounts of "
-    "half the host's RAM each (bwrap --tmpfs without --size) and /workspace is a plain "
-    "host directory; fix: a size-limited tmpfs (bwrap --size) and a project quota or a "
-    "loop-mounted image for the workdir, with a default size",
+    reason="no disk quota: /workspace is a plain host directory; fix: a project quota or "
+    "a loop-mounted image for the workdir, with a default size",
 )
-@pytest.mark.parametrize("where", ["/workspace", "/tmp", "/dev/shm", "/run"])
+@pytest.mark.parametrize("where", ["/workspace"])
 async def test_a_sandbox_without_limits_cannot_fill_the_host(
     sup: corral.Supervisor, where: str
 ) -> None:
@@ -164,11 +167,6 @@ async def test_a_sandbox_without_limits_cannot_fill_the_host(
         assert out.stdout.split()[0] == b"refused", out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LocalBackend.default_memory_mib (512) and default_cpus are never applied: "
-    "a sandbox created without memory_mib has no memory limit at all",
-)
 async def test_the_backend_default_memory_limit_applies(
     sup: corral.Supervisor, local_backend: LocalBackend, need_cgroups: None
 ) -> None:

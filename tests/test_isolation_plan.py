@@ -97,7 +97,7 @@ def test_hardened_flags_and_layout(dirs: tuple[Path, Path]) -> None:
     assert args[end + 1 :] == ["/bin/sh", "-c", "echo hi"]
     mounts = [i for i, a in enumerate(args[:end]) if a in ("--bind", "--ro-bind", "--tmpfs")]
     assert args.index("--remount-ro") > max(mounts)
-    assert pairs(args, "--remount-ro", 1) == [("/",)]
+    assert pairs(args, "--remount-ro", 1) == [("/dev",), ("/",)]  # /dev: an unsized tmpfs
 
 
 def test_network_only_on_request(dirs: tuple[Path, Path]) -> None:

@@ -105,6 +105,8 @@ def create_body(spec: SandboxSpec) -> dict[str, Any]:
     """
     if spec.pids_limit is not None:
         raise Unsupported("pids_limit over cloud", "when pids limits land on the cloud API")
+    if spec.tmp_size_mib is not None:
+        raise Unsupported("tmp_size_mib over cloud", "when tmpfs sizes land on the cloud API")
     vcpus = DEFAULT_VCPUS
     if spec.cpus is not None:
         if not float(spec.cpus).is_integer():

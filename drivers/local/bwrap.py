@@ -9,12 +9,23 @@ The sandbox (``image="host"``): a tmpfs root holding a read-only view of the hos
 ``/usr`` (``/bin``, ``/sbin``, ``/lib*`` mirrored as symlinks on merged-usr hosts, bound
 otherwise), a safe subset of ``/etc`` (``ETC_FILES``, world-readable entries only:
 small files copied in, directories bound; never shadow, gshadow, sudoers, ssh, pip/npm
-configs with tokens), fresh ``/proc``, ``/dev``, ``/tmp``, ``/run``, the
+configs with tokens), fresh ``/proc``, ``/dev``, ``/dev/shm``, ``/tmp``, ``/run``, the
 caller's socket dir read-write at ``/run/agent``, the caller's workdir read-write at
-``workdir``, then ``--remount-ro /``. Flags: ``--unshare-all --unshare-user
---disable-userns --cap-drop ALL --die-with-parent --new-session --hostname NAME
---seccomp FD --clearenv``, ``--share-net`` only with ``network=True``, ``--uid``/``--gid``
-the same as outside, ``--info-fd FD`` (bwrap writes ``{"child-pid": N, ...}``).
+``workdir``, then ``--remount-ro /dev`` and ``--remount-ro /``. Flags:
+``--unshare-all --unshare-user --disable-userns --cap-drop ALL --die-with-parent
+--new-session --hostname NAME --seccomp FD --clearenv``, ``--share-net`` only with
+``network=True``, ``--uid``/``--gid`` the same as outside, ``--info-fd FD`` (bwrap
+writes ``{"child-pid": N, ...}``).
+
+**tmpfs sizes.** ``/tmp``, ``/dev/shm`` and ``/run`` are tmpfs mounts of their own,
+each capped with ``--size`` when the caller gives a size (``tmp_size_mib``,
+``shm_size_mib``, ``run_size_mib``; without one a tmpfs may grow to half the host's
+RAM): a write past the size fails with ENOSPC inside. ``--dev`` makes ``/dev`` a tmpfs
+without a size (bwrap 0.8 takes ``--size`` for ``--tmpfs`` only) owned by the sandbox
+uid, with ``/dev/shm`` a plain directory in it, so ``/dev/shm`` gets its own tmpfs and
+``/dev`` itself is remounted read-only (the device nodes, ``/dev/pts`` and ``/dev/shm``
+are mounts of their own and stay writable). tmpfs pages are also charged to the
+sandbox's memory cgroup.
 
 **Running as root.** The sandbox runs as an unprivileged uid (``launch.sandbox_credentials``):
 as real root bwrap would keep every capability and map sandbox root to host root. So
@@ -360,6 +371,15 @@ def _image_dns(rootfs: str, args: list[str], builder: _Builder) -> list[int]:
     return fds
 
 
+def _tmpfs(dest: str, size_mib: int | None) -> list[str]:
+    """bwrap arguments for a tmpfs at ``dest``, capped at ``size_mib`` when given."""
+    if size_mib is None:
+        return ["--tmpfs", dest]
+    if isinstance(size_mib, bool) or not isinstance(size_mib, int) or size_mib < 1:
+        raise InvalidConfig(f"tmpfs size for {dest} must be a whole number of MiB >= 1")
+    return ["--size", str(size_mib << 20), "--tmpfs", dest]
+
+
 def _check_dest(dest: str) -> str:
     if not dest.startswith("/") or "\0" in dest or ".." in Path(dest).parts:
         raise InvalidConfig(f"sandbox paths must be absolute and plain: {dest!r}")
@@ -450,6 +470,9 @@ def plan_sandbox(
     extra_binds: Mapping[str, str] | None = None,
     seccomp: bytes | None = None,
     extra_fds: Sequence[int] = (),
+    tmp_size_mib: int | None = None,
+    shm_size_mib: int | None = None,
+    run_size_mib: int | None = None,
 ) -> BwrapPlan:
     """Plan one sandbox running ``command`` (see the module docstring for the layout).
 
@@ -458,7 +481,7 @@ def plan_sandbox(
     ``extra_fds`` are caller-owned fds to pass through to the sandbox command.
     ``image_root`` is required for any ``image`` but ``"host"`` (the driver pulls it);
     ``chdir`` (default ``workdir``) is where the command starts, created if missing in
-    an image root.
+    an image root. ``*_size_mib`` cap the tmpfs mounts (None: no ``--size``).
     """
     if image != "host" and image_root is None:
         raise Unsupported(f"image {image!r} without its root in the bwrap planner", "")
@@ -531,7 +554,9 @@ def plan_sandbox(
             args += ["--bind", f"{STAGE_DIR}/root", "/"]
         else:
             args += ["--bind", binds.pop(0)[0], "/"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        args += _tmpfs("/dev/shm", shm_size_mib)
+        args += _tmpfs("/tmp", tmp_size_mib) + _tmpfs("/run", run_size_mib)
         if image_root is None:
             args += ["--dir", "/var", "--symlink", "../tmp", "/var/tmp"]
         for src, dest, writable in binds:
@@ -546,6 +571,7 @@ def plan_sandbox(
                 child_fds += _image_dns(image_root.path, args, builder)
             if start != workdir:
                 args += ["--dir", start]
+        args += ["--remount-ro", "/dev"]  # its tmpfs has no size: see the module docstring
         if image_root is None or not image_root.writable:
             args += ["--remount-ro", "/"]
         args += ["--clearenv"]

@@ -15,15 +15,27 @@ needs root) or a copy of the rootfs (``"copy"``); ``"auto"`` (the default, or
 base of the sandbox environment and its ``WorkingDir`` the start directory when the
 caller kept the default workdir. ``image`` in the sandbox dir names the manifest digest
 in use, so ``corral image rm`` keeps that rootfs.
+
+**Defaults and restarts.** Limits a spec leaves None take the backend's defaults
+(``LocalBackend.default_cpus``, ``default_memory_mib``, ``default_pids_limit`` (with
+cgroups only: an rlimit would count every process of the sandbox uid on the host) and
+``default_tmp_size_mib``; see :meth:`LocalDriver.with_defaults`). ``sandbox-id`` in the
+sandbox dir holds the ``state_id`` of the sandbox it belongs to: a spawn for that same
+sandbox (a restart) keeps ``work/``, ``logs/``, ``agent.log`` and the image layer (when
+the image is still the same digest); any other spawn starts from an empty dir. ``run/``
+is always new. After the agent is ready, the host makes the sandbox's own processes the
+OOM killer's last choice (:mod:`.hardening`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import posixpath
+import resource
 import shutil
 import signal
 from pathlib import Path
@@ -34,7 +46,7 @@ from ...backend import LocalBackend
 from ...errors import Runtime
 from ..base import DEFAULT_WORKDIR, Driver, ExitStatus, ProcessIds, SandboxProcess, SandboxSpec
 from . import cgroup as cgroups
-from . import launch
+from . import hardening, launch
 from .attach import HeldProcess, attach_local, open_keeper
 from .bwrap import SOCKET_DIR, BwrapPlan, ImageRoot, find_tool, plan_sandbox
 from .images import HOST_IMAGE, Image, ImageStore
@@ -50,6 +62,8 @@ AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
 READY_FD_ENV = "CORRAL_READY_FD"
 IMAGE_LAYER_ENV = "CORRAL_IMAGE_LAYER"
 IMAGE_LAYERS = ("auto", "overlay", "copy")
+ID_FILE = "sandbox-id"
+"""In the sandbox dir: the ``state_id`` of the sandbox it holds (see the module docstring)."""
 
 
 class LocalSandbox(SandboxProcess):
@@ -174,6 +188,23 @@ def _kill(pid: int, sig: int) -> None:
             raise
 
 
+def _read(path: Path) -> str | None:
+    """A small marker file's text, stripped (None when missing)."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _write_id(root: Path, state_id: str) -> None:
+    """Mark ``root`` as the directory of the sandbox with this ``state_id``."""
+    path = root / ID_FILE
+    if state_id:
+        path.write_text(state_id + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _status(code: int) -> ExitStatus:
     return ExitStatus(None, -code) if code < 0 else ExitStatus(code, None)
 
@@ -204,6 +235,7 @@ class LocalDriver(Driver):
         if reason is not None:
             raise Runtime(f"the local driver cannot start sandboxes here: {reason}")
         self.uid, self.gid = launch.sandbox_credentials()
+        hardening.raise_fd_limit()
         self.cgroups = cgroups.detect()
         if self.cgroups is not None:
             cgroups.reap_stale(layout=self.cgroups)
@@ -221,14 +253,30 @@ class LocalDriver(Driver):
             self._images = ImageStore(self.backend.images_dir, owner=(self.uid, self.gid))
         return self._images
 
-    async def _image_root(self, root: Path, image: Image) -> ImageRoot:
-        """The sandbox's writable layer over ``image`` (see the module docstring)."""
-        (root / "image").write_text(image.record.digest + "\n")
+    async def _image_root(self, root: Path, image: Image, *, fresh: bool) -> ImageRoot:
+        """The sandbox's writable layer over ``image`` (see the module docstring); a
+        restart keeps the one it has when the image is the same digest."""
         layer = root / "layer"
+        marker = root / "image"
+        digest = image.record.digest
+        upper, work, copy = layer / "upper", layer / "work", layer / "rootfs"
+        overlay = self.image_layer == "overlay"
+        if not fresh and _read(marker) == digest:
+            if overlay and upper.is_dir() and work.is_dir():
+                return ImageRoot(
+                    path=str(image.rootfs),
+                    upper=str(upper),
+                    work=str(work),
+                    writable=self.image_writable,
+                )
+            if not overlay and copy.is_dir():
+                return ImageRoot(path=str(copy), writable=self.image_writable)
+        if layer.exists():
+            force_rmtree(layer)
+        marker.write_text(digest + "\n")
         layer.mkdir(mode=0o700)
         mode = os.stat(image.rootfs).st_mode & 0o7777
-        if self.image_layer == "overlay":
-            upper, work = layer / "upper", layer / "work"
+        if overlay:
             upper.mkdir(mode=mode)
             work.mkdir(mode=0o700)
             os.chmod(upper, mode)  # the overlay's / takes the upper dir's owner and mode
@@ -240,17 +288,52 @@ class LocalDriver(Driver):
                 work=str(work),
                 writable=self.image_writable,
             )
-        copy = layer / "rootfs"
         argv = [find_tool("cp") or "cp", "-a", "--reflink=auto", "--", str(image.rootfs), str(copy)]
         result = await trio.run_process(argv, capture_stderr=True, check=False)
         if result.returncode != 0:
             raise Runtime(f"copying the image rootfs failed: {result.stderr.decode()[-500:]}")
         return ImageRoot(path=str(copy), writable=self.image_writable)
 
+    def with_defaults(self, spec: SandboxSpec) -> SandboxSpec:
+        """``spec`` with the backend's defaults for the limits it leaves None (the
+        default cpus capped at the CPUs this process may use)."""
+        backend = self.backend
+        cpus = spec.cpus
+        if cpus is None:
+            cpus = min(backend.default_cpus, len(os.sched_getaffinity(0)))
+        pids = spec.pids_limit
+        if pids is None and self.cgroups is not None:
+            pids = backend.default_pids_limit
+        return dataclasses.replace(
+            spec,
+            cpus=cpus,
+            memory_mib=backend.default_memory_mib if spec.memory_mib is None else spec.memory_mib,
+            pids_limit=pids,
+            tmp_size_mib=(
+                backend.default_tmp_size_mib if spec.tmp_size_mib is None else spec.tmp_size_mib
+            ),
+        )
+
     async def spawn(self, spec: SandboxSpec) -> SandboxProcess:
+        """Start ``spec`` with the backend's defaults; an OSError (out of fds...) is a
+        :class:`~corral.errors.Runtime` naming the sandbox."""
+        spec = self.with_defaults(spec)
+        try:
+            return await self._spawn(spec)
+        except OSError as exc:
+            hint = ""
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                hint = (
+                    f" (open-files limit {soft}, hard {hard}: a sandbox holds about 4 fds "
+                    "of the orchestrator; raise the hard limit, e.g. ulimit -Hn)"
+                )
+            raise Runtime(f"cannot start sandbox {spec.name!r}: {exc}{hint}") from exc
+
+    async def _spawn(self, spec: SandboxSpec) -> SandboxProcess:
         cgroups.validate_limits(spec.cpus, spec.memory_mib, spec.pids_limit)
         root = self.sandbox_dir(spec.name)
-        self._prepare_dirs(root)
+        fresh = self._prepare_dirs(root, spec.state_id)
         cgroup: cgroups.SandboxCgroup | None = None
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         env = dict(spec.env)
@@ -265,7 +348,7 @@ class LocalDriver(Driver):
                 runtime = agent_runtime()
             else:
                 image = await self.images.ensure(spec.image)
-                image_root = await self._image_root(root, image)
+                image_root = await self._image_root(root, image, fresh=fresh)
                 runtime = image_agent_runtime()
                 env = {**image.defaults.env_map(), **env}
                 if spec.workdir == DEFAULT_WORKDIR and image.defaults.workdir:
@@ -284,6 +367,9 @@ class LocalDriver(Driver):
                 image_root=image_root,
                 chdir=chdir,
                 runtime=runtime,
+                tmp_size_mib=spec.tmp_size_mib,
+                shm_size_mib=self.backend.shm_size_mib,
+                run_size_mib=self.backend.run_size_mib,
             )
             # The plan owns the ready pipe's write end from here: it is closed with the
             # other child-side fds once bwrap runs.
@@ -304,6 +390,7 @@ class LocalDriver(Driver):
             else:
                 limits = (spec.memory_mib, spec.pids_limit)
                 plan.argv = cgroups.rlimit_prefix(*limits, cpus=spec.cpus) + plan.argv
+            plan.argv = hardening.nofile_prefix() + plan.argv
             log = os.open(root / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 if isinstance(process, HeldProcess):
@@ -315,6 +402,9 @@ class LocalDriver(Driver):
             sandbox = LocalSandbox(spec, root, process, plan, cgroup)
             await self._wait_ready(sandbox, ready_r)
             sandbox.init_pid = await launch.read_info(plan.info_fd)
+            if cgroup is not None:  # bounded by its memory cgroup: see hardening.py
+                agent = hardening.agent_pid(sandbox.init_pid)
+                hardening.protect([process.pid, sandbox.init_pid, agent])
             if spec.detached:
                 plan.close()  # what is left is ours alone; the sandbox may outlive us
             return sandbox
@@ -329,7 +419,10 @@ class LocalDriver(Driver):
                     await cgroup.remove()
                 if plan is not None:
                     plan.close()
-                shutil.rmtree(root, ignore_errors=True)
+                if fresh:
+                    shutil.rmtree(root, ignore_errors=True)
+                else:  # a failed restart keeps the sandbox's disk
+                    shutil.rmtree(root / "run", ignore_errors=True)
             raise
         finally:
             os.close(ready_r)
@@ -356,15 +449,26 @@ class LocalDriver(Driver):
             text = ""
         return text or "the sandbox exited before its agent was ready"
 
-    def _prepare_dirs(self, root: Path) -> None:
+    def _prepare_dirs(self, root: Path, state_id: str) -> bool:
+        """A new ``run/``, and an empty sandbox dir unless this is a restart of the
+        sandbox it holds (then ``work/`` and the rest stay). True when new."""
         self.backend.ensure_dirs()
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(mode=0o755)
+        fresh = not state_id or _read(root / ID_FILE) != state_id
+        if fresh:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(mode=0o755)
+        else:
+            shutil.rmtree(root / "run", ignore_errors=True)
         for sub in ("run", "work"):
             path = root / sub
+            if sub == "work" and not fresh and path.is_dir() and not path.is_symlink():
+                continue
             path.mkdir(mode=0o700)
             if os.geteuid() == 0:
                 os.chown(path, self.uid, self.gid)
+        if fresh:
+            _write_id(root, state_id)
+        return fresh
 
     async def attach(self, spec: SandboxSpec, ids: ProcessIds) -> SandboxProcess:
         """A running sandbox of the state db (another process's, or a detached one)."""
