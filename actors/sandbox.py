@@ -92,6 +92,7 @@ CLEANUP_TIMEOUT = 10.0
 
 T = TypeVar("T")
 R = TypeVar("R")
+E = TypeVar("E", Exec, JobStart)
 
 
 # -- control messages (actor-internal vocabulary, next to the wire Structs) -----------------
@@ -337,6 +338,39 @@ class SandboxActor(Actor):
         self._last_activity = trio.current_time()
         self.status.set(SandboxStatus.RUNNING)
 
+    def usable(self) -> bool:
+        """Running, not ending, its process there and its agent connection open (what a
+        warm pool checks before handing a sandbox out)."""
+        return (
+            self.status.value is SandboxStatus.RUNNING
+            and not self._finishing
+            and not self._stopping
+            and self.channel is not None
+            and self.channel.alive
+            and self.proc is not None
+            and self.proc.exit_status is None
+        )
+
+    def claimed(self, spec: SandboxSpec, created_at: datetime) -> None:
+        """A warm pool's running sandbox becomes the one a create asked for (``spec``:
+        same image, workdir, network and limits; the driver renamed it already): its
+        name, env (added to each exec), labels, lifecycle timers, log directory."""
+        assert self._nursery is not None
+        self.name = spec.name
+        self.spec = spec
+        self.created_at = created_at
+        self.log.store.directory = log_dir(self.driver, spec.name)
+        if self.channel is not None:
+            self.channel._label = f"sandbox {spec.name!r}"
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = [trio.CancelScope(), trio.CancelScope()]
+        if spec.idle_timeout is not None:
+            self._nursery.start_soon(self._idle_timer, self._timers[0], spec.idle_timeout)
+        if spec.max_duration is not None:
+            self._nursery.start_soon(self._duration_timer, self._timers[1], spec.max_duration)
+        self._last_activity = trio.current_time()
+
     async def start(self) -> None:
         """Start a created, stopped or crashed sandbox; a no-op when it runs already."""
         async with self._lifecycle:
@@ -529,8 +563,17 @@ class SandboxActor(Actor):
             self.active.set(self.active.value - 1)
         raise self._abort_error()
 
+    def _with_env(self, msg: E) -> E:
+        """The sandbox's env (``spec.env``) under the request's own: the same as the
+        process env of a sandbox spawned with it, and how a warm pool's sandbox (spawned
+        before the create named its env) gets it."""
+        if not self.spec.env:
+            return msg
+        return msgspec.structs.replace(msg, env={**self.spec.env, **msg.env})
+
     async def _on_exec(self, msg: Exec) -> ExecResult:
         _check_exec(msg)
+        msg = self._with_env(msg)
         result = await self._op(run_exec, msg)
         self.log.note_exit(result.exit_code, f"exec {msg.cmd!r}")
         return result
@@ -538,6 +581,8 @@ class SandboxActor(Actor):
     async def _on_job(self, msg: JobStart | JobList | JobWait | JobKill) -> Message:
         if isinstance(msg, JobKill):
             check_signal(msg.signal)
+        elif isinstance(msg, JobStart):
+            msg = self._with_env(msg)
         reply = await self._op(job_request, msg)
         if isinstance(reply, JobExited):
             await self.log.job_logged(reply.id)
@@ -561,7 +606,7 @@ class SandboxActor(Actor):
         _check_exec(msg.exec)
         self._require_channel()
         assert self._nursery is not None
-        request = msg.exec
+        request = self._with_env(msg.exec)
         if not request.interactive:
             request = msgspec.structs.replace(request, interactive=True)
         session: ExecSession = await self._nursery.start(self._relay, request)

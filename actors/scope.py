@@ -20,6 +20,7 @@ import trio
 
 from ..drivers.base import Driver
 from ..errors import ActorDead, CorralError, Runtime
+from .pool import Pool, parse_pool
 from .registry import Registry
 from .sandbox import CLEANUP_TIMEOUT, DEFAULT_STOP_TIMEOUT, POLL_INTERVAL, Kill, Release, Stop
 from .state import SandboxStatus
@@ -45,13 +46,16 @@ def _only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
 
 @asynccontextmanager
 async def open_supervisor(
-    backend: object | None = None, *, driver: Driver | None = None
+    backend: object | None = None, *, driver: Driver | None = None, pool: object = None
 ) -> AsyncIterator[Supervisor]:
     """The scope sandboxes live in; none outlives it unless created ``detached``.
 
     With ``driver=`` that driver is used as given (and not closed). Otherwise the
     driver comes from ``backend`` (or ``corral.default_backend()``) and is closed on exit.
+    ``pool={"host": 8}`` (per image, or option dicts: see :mod:`corral.actors.pool`)
+    keeps that many sandboxes started and idle for ``create`` to claim; none by default.
     """
+    pools = parse_pool(pool)
     async with AsyncExitStack() as stack:
         if driver is None:
             owned = driver_for(backend)
@@ -68,7 +72,8 @@ async def open_supervisor(
             registry = await trio.to_thread.run_sync(Registry, path)
         stack.callback(registry.close)
         await reap(registry, driver)
-        async with _supervised(driver, registry) as sup:
+        warm = Pool(pools, driver, registry) if pools else None
+        async with _supervised(driver, registry, warm) as sup:
             yield sup
 
 
@@ -87,13 +92,18 @@ async def _close_driver(driver: Driver) -> None:
 
 
 @asynccontextmanager
-async def _supervised(driver: Driver, registry: Registry) -> AsyncIterator[Supervisor]:
+async def _supervised(
+    driver: Driver, registry: Registry, pool: Pool | None = None
+) -> AsyncIterator[Supervisor]:
     body_exc: BaseException | None = None
     unwrap: BaseException | None = None
     errors: list[tuple[str, BaseException]] = []
     try:
         async with trio.open_nursery() as nursery:
             sup = Supervisor(driver, nursery, registry)
+            if pool is not None:
+                sup.pool = pool
+                await nursery.start(pool.run, nursery)
             try:
                 try:
                     yield sup
@@ -154,6 +164,8 @@ async def shutdown(sup: Supervisor, *, fast: bool) -> list[tuple[str, BaseExcept
             actor.close()
 
     async with trio.open_nursery() as nursery:
+        if sup.pool is not None:  # stop refilling; the idle ones go
+            nursery.start_soon(sup.pool.aclose)
         for tracked in list(sup._tracked.values()):
             nursery.start_soon(one, tracked)
     return errors

@@ -21,6 +21,9 @@ short grace, then SIGKILL), shielded. Their records go with them. Sandboxes crea
 Lifecycle policies (:mod:`corral.actors.lifecycle`): a crashed sandbox is restarted
 according to its restart policy; an ``ephemeral`` one is removed once it has ended for
 good; ``idle_timeout`` and ``max_duration`` are timers in the actor.
+
+The warm pool (``open_supervisor(pool={"host": 8})``, :mod:`corral.actors.pool`): a
+create that fits a pool takes one of its started, idle sandboxes instead of spawning.
 """
 
 from __future__ import annotations
@@ -47,7 +50,16 @@ from ..errors import (
 from ..sandbox import Sandbox
 from .lifecycle import DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW, Restart, RestartPolicy
 from .options import build_spec
-from .registry import Registry, SandboxList, SandboxRecord, from_us, now_us, own_identity
+from .pool import Claim, Pool
+from .registry import (
+    INTERNAL_PREFIX,
+    Registry,
+    SandboxList,
+    SandboxRecord,
+    from_us,
+    now_us,
+    own_identity,
+)
 from .sandbox import (
     CLEANUP_TIMEOUT,
     DEFAULT_KILL_TIMEOUT,
@@ -85,6 +97,8 @@ class Supervisor:
         self._tracked: dict[str, Tracked] = {}
         self._reserved: set[str] = set()
         self._closing = False
+        self.pool: Pool | None = None
+        """The warm pool (``open_supervisor(pool=...)``), if any: see actors/pool.py."""
 
     def __repr__(self) -> str:
         return f"<Supervisor driver={self.driver.kind} sandboxes={len(self._actors)}>"
@@ -151,6 +165,12 @@ class Supervisor:
         if name in self._actors or name in self._reserved:
             raise SandboxAlreadyExists(f"sandbox {name!r} already exists")
         status = SandboxStatus.STARTING if start else SandboxStatus.CREATED
+        if self.pool is not None and start:
+            claim = await self.pool.claim(spec, policy)
+            if claim is not None:
+                sandbox = self._hold(claim)
+                await trio.lowlevel.cancel_shielded_checkpoint()  # too late to cancel
+                return sandbox
         record = new_record(spec, policy, self.driver.kind, status)
         await self._claim(record)
         actor = SandboxActor(spec, self.driver, created_at=from_us(record.created_at))
@@ -176,6 +196,16 @@ class Supervisor:
             raise
         finally:
             self._reserved.discard(name)
+        return Sandbox(actor)
+
+    def _hold(self, claim: Claim) -> Sandbox:
+        """A warm pool's sandbox, claimed for a create (renamed, running, its record
+        written): this supervisor's from now on, as if it had created it."""
+        actor = claim.actor
+        tracked = self._track(actor, claim.record, owned=True)
+        claim.warm.tracked = tracked
+        self._actors[actor.name] = actor
+        self._tracked[actor.name] = tracked
         return Sandbox(actor)
 
     async def _claim(self, record: SandboxRecord) -> None:
@@ -303,6 +333,8 @@ class Supervisor:
     async def _resolve(self, name: str) -> SandboxActor:
         if not isinstance(name, str):
             raise InvalidConfig(f"sandbox name must be a string, got {type(name).__name__}")
+        if name.startswith(INTERNAL_PREFIX):  # a warm pool's idle sandbox: nobody's yet
+            raise SandboxNotFound(f"sandbox {name!r} not found")
         actor = self._actors.get(name)
         if actor is not None and not self._outdated(name):
             return actor
@@ -319,6 +351,13 @@ class Supervisor:
         if actor is not None:
             return actor
         return await self._adopt(record)
+
+    async def wait_pool_ready(self) -> None:
+        """Wait until the warm pool is full (at once without one); bound it yourself."""
+        if self.pool is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.pool.wait_ready()
 
     def _outdated(self, name: str) -> bool:
         """Is the actor held for ``name`` idle while another one runs its sandbox now? Then
@@ -420,6 +459,8 @@ class Supervisor:
         and its directory. SandboxStillRunning while it starts, runs or drains."""
         if name in self._reserved:
             raise SandboxStillRunning(f"cannot remove sandbox {name!r}: it is starting")
+        if isinstance(name, str) and name.startswith(INTERNAL_PREFIX):
+            raise SandboxNotFound(f"sandbox {name!r} not found")
         tracked = self._tracked.get(name)
         if tracked is not None and self._outdated(name):
             tracked = None

@@ -168,6 +168,20 @@ class Driver(ABC):
 
         raise Unsupported(f"attaching to a running sandbox on the {self.kind} driver", "")
 
+    def rename(self, proc: SandboxProcess, spec: SandboxSpec) -> None:
+        """Give a started sandbox nobody has used yet (a warm pool's) its final name:
+        ``spec`` is what a create asked for, with the same image, workdir, network and
+        limits as the spec it was spawned with. Synchronous and cheap (the claim path of
+        the warm pool calls it); Unsupported by drivers that cannot (no warm pool)."""
+        from ..errors import Unsupported
+
+        raise Unsupported(f"renaming a running sandbox on the {self.kind} driver", "")
+
+    @property
+    def can_rename(self) -> bool:
+        """Does this driver implement :meth:`rename` (so it can keep a warm pool)?"""
+        return type(self).rename is not Driver.rename
+
     async def remove(self, name: str) -> None:  # noqa: B027 - optional hook
         """Delete what the driver keeps for a stopped sandbox (its directory, logs)."""
 

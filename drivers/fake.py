@@ -97,6 +97,8 @@ class FakeDriver(Driver):
         self._nursery: trio.Nursery | None = None
         self._manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._next_pid = 1000
+        self.rename_error: BaseException | None = None
+        """Raised by :meth:`rename` (a test plays a failing rename)."""
 
     def configure(self, name: str, **changes: Any) -> FakeBehaviour:
         """Behaviour for sandboxes called ``name`` (the driver's, with ``changes``)."""
@@ -142,6 +144,19 @@ class FakeDriver(Driver):
         if proc is None or proc.exit_status is not None or ids.pid not in (None, proc.pid):
             raise Runtime(f"sandbox {spec.name!r} is not running any more")
         return proc
+
+    def rename(self, proc: SandboxProcess, spec: SandboxSpec) -> None:
+        """A warm pool's sandbox takes ``spec.name`` (its spawn-time env and spec stay)."""
+        if not isinstance(proc, FakeSandboxProcess):
+            raise Runtime(f"cannot rename {proc!r}: not a fake sandbox")
+        if self.rename_error is not None:
+            raise self.rename_error
+        if self.processes.get(proc.name) is proc:
+            del self.processes[proc.name]
+        proc.record(f"rename:{spec.name}")
+        proc.name = spec.name
+        proc.spec = dataclasses.replace(proc.spec, name=spec.name)
+        self.processes[spec.name] = proc
 
     async def spawn(self, spec: SandboxSpec) -> FakeSandboxProcess:
         if self._nursery is None:

@@ -49,6 +49,7 @@ from . import cgroup as cgroups
 from . import hardening, launch
 from .attach import HeldProcess, attach_local, open_keeper
 from .bwrap import SOCKET_DIR, BwrapPlan, ImageRoot, find_tool, plan_sandbox
+from .hostname import set_hostname
 from .images import HOST_IMAGE, Image, ImageStore
 from .images.rootfs import force_rmtree
 from .keeper import process_start
@@ -469,6 +470,31 @@ class LocalDriver(Driver):
         if fresh:
             _write_id(root, state_id)
         return fresh
+
+    def rename(self, proc: SandboxProcess, spec: SandboxSpec) -> None:
+        """A warm pool's sandbox becomes ``spec.name``: its directory is renamed (the
+        sandbox's mounts and open files follow the inodes) and, as root, its hostname
+        set (:mod:`.hostname`). Its cgroup keeps the internal name."""
+        if not isinstance(proc, LocalSandbox):
+            raise Runtime(f"cannot rename {proc!r}: not a local sandbox")
+        root = self.sandbox_dir(spec.name)
+        try:
+            os.rename(proc.root, root)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise Runtime(f"renaming sandbox {proc.name!r}: {exc}") from exc
+            with contextlib.suppress(OSError):  # a leftover dir of a removed sandbox
+                force_rmtree(root / "layer")
+            shutil.rmtree(root, ignore_errors=True)
+            try:
+                os.rename(proc.root, root)
+            except OSError as again:
+                raise Runtime(f"renaming sandbox {proc.name!r}: {again}") from again
+        proc.root = root
+        _write_id(root, spec.state_id)  # its restarts keep its disk (ID_FILE)
+        proc.name = spec.name
+        proc.spec = dataclasses.replace(proc.spec, name=spec.name)
+        set_hostname(proc.init_pid, spec.name)
 
     async def attach(self, spec: SandboxSpec, ids: ProcessIds) -> SandboxProcess:
         """A running sandbox of the state db (another process's, or a detached one)."""
