@@ -54,7 +54,7 @@ from .images import HOST_IMAGE, Image, ImageStore
 from .images.rootfs import force_rmtree
 from .keeper import process_start
 from .metrics import MetricsSampler, SandboxMetrics
-from .runtime import RuntimeView, agent_runtime, image_agent_runtime
+from .runtime import RuntimeView, agent_runtime, image_agent_runtime, precompile_agent
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ class LocalDriver(Driver):
         if reason is not None:
             raise Runtime(f"the local driver cannot start sandboxes here: {reason}")
         self.uid, self.gid = launch.sandbox_credentials()
+        precompile_agent()
         hardening.raise_fd_limit()
         self.cgroups = cgroups.detect()
         if self.cgroups is not None:

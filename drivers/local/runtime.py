@@ -212,3 +212,24 @@ def image_agent_runtime(
         empty_files=base.empty_files,
         argv=(inside(loader), "--library-path", ":".join(libdirs), inside(exe), *tail),
     )
+
+
+_compiled: set[Path] = set()
+
+
+def precompile_agent(repo: Path | None = None) -> None:
+    """Write the agent's bytecode next to its sources, once per process.
+
+    The agent runs with ``-B`` and imports from read-only binds, so without ``.pyc`` files
+    every sandbox start compiles ``corral.agentd``/``protocol``/``errors`` again (several
+    ms). Best effort: a read-only install simply keeps compiling at start.
+    """
+    import compileall
+
+    root = repo if repo is not None else Path(corral.__file__).parent
+    if root in _compiled:
+        return
+    _compiled.add(root)
+    for sub in ("agentd", "protocol"):
+        compileall.compile_dir(root / sub, quiet=2, workers=1)
+    compileall.compile_file(root / "errors.py", quiet=2)
