@@ -7,7 +7,8 @@
 #
 # Installs (each step is skipped when already done, so a second run is fast):
 #   1. Debian packages via apt-get (root or sudo): bubblewrap, docker-registry, iproute2,
-#      procps; apt-get update runs only when something is missing.
+#      procps, linux-libc-dev (syscall tables the seccomp tests check against); apt-get
+#      update runs only when something is missing.
 #   2. A virtualenv at ./.venv (python3 >= 3.11 with venv).
 #   3. `pip install -e '.[test]'` into it, skipped while a stamp holding pyproject.toml's
 #      hash matches and `import corral` resolves to this checkout. If a dependency has no
@@ -30,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 venv=$repo/.venv
 py=$venv/bin/python
 stamp=$venv/.corral-setup-stamp
-apt_packages=(bubblewrap docker-registry iproute2 procps)
+apt_packages=(bubblewrap docker-registry iproute2 procps linux-libc-dev)
 build_packages=(gcc python3-dev)
 
 now() { date +%s.%N; }
