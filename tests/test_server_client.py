@@ -71,7 +71,9 @@ class Live:
     async def client(self, body: str, key: str | None = None) -> dict[str, Any]:
         """Run ``body`` (the inside of ``async def main()``) in the SDK; its ``out()`` lines."""
         script = PRELUDE + "\nasync def main():\n" + textwrap.indent(textwrap.dedent(body), "    ")
-        script += "\nasyncio.run(main())\n"
+        # The released SDK sometimes panics while the interpreter finalises, after every
+        # call has completed (reference/microsandbox-cloud-wire.md says so): leave at once.
+        script += "\nasyncio.run(main())\nsys.stdout.flush()\nimport os\nos._exit(0)\n"
         result = await trio.run_process(
             [sys.executable, "-c", script, self.info.url, key or self.key],
             capture_stdout=True,
