@@ -30,14 +30,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=cmd_run)
 
 
-def parse_env(items: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
+def parse_pairs(items: list[str], what: str = "--env") -> dict[str, str]:
+    """``KEY=VALUE`` options (``--env``, ``--label``) as a dict."""
+    out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InvalidConfig(f"--env wants KEY=VALUE, got {item!r}")
-        env[key] = value
-    return env
+            raise InvalidConfig(f"{what} wants KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -49,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "name": args.name or f"run-{uuid.uuid4().hex[:10]}",
         "image": args.image,
-        "env": parse_env(args.env),
+        "env": parse_pairs(args.env),
         "workdir": args.workdir,
         "network": args.net,
         "timeout": args.timeout,

@@ -29,7 +29,7 @@ import msgspec
 import trio
 
 from ..errors import CorralError, InvalidConfig, Unsupported
-from .run import parse_env
+from .run import parse_pairs
 from .show import emit_json, metrics_row, print_info, print_log_record, print_table, to_json
 
 __all__ = ["add_parser"]
@@ -252,29 +252,19 @@ async def _each(names: Sequence[str], fn: Callable[[str], Awaitable[None]]) -> i
     return code
 
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidConfig(f"{what} wants KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
 # -- lifecycle -------------------------------------------------------------------------------
 
 
 async def do_create(sup: Any, args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "image": args.image,
-        "env": parse_env(args.env),
+        "env": parse_pairs(args.env),
         "workdir": args.workdir,
         "network": args.net,
         "cpus": args.cpus,
         "memory_mib": args.memory,
         "pids_limit": args.pids,
-        "labels": _pairs(args.label, "--label"),
+        "labels": parse_pairs(args.label, "--label"),
         "detached": True,
     }
     if args.no_start:
@@ -469,7 +459,7 @@ async def do_exec(sup: Any, args: argparse.Namespace) -> int:
     cmd = exec_command(args)
     if not cmd:
         raise InvalidConfig("corral exec needs a command: corral exec NAME -- CMD [ARG ...]")
-    env = parse_env(args.env)
+    env = parse_pairs(args.env)
     sb = await get_sandbox(sup, args.name)
     if args.tty:
         if args.timeout is not None:

@@ -38,6 +38,7 @@ from .http import (
     Send,
     bearer,
     decode_body,
+    deny_websocket,
     header,
     not_found,
     query,
@@ -58,7 +59,6 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 MAX_WAIT = 600.0
 SSE_HEARTBEAT = 15.0
-WS_DENIAL = "websocket.http.response"
 
 Relay = Callable[[SandboxRecord, Scope, Receive, Send], Awaitable[None]]
 """Handler for the reserved ``/corral`` WebSocket route (corral's cloud driver)."""
@@ -297,7 +297,7 @@ class App:
                 raise not_found("route")
             target = await self.plane.agent_target(rec)
         except ApiError as err:
-            await _deny(scope, send, err)
+            await deny_websocket(scope, send, err)
             return
         await send({"type": "websocket.accept"})
         ws = AsgiWebSocket(receive, send)
@@ -333,25 +333,6 @@ class AsgiWebSocket:
 
     async def send(self, data: bytes) -> None:
         await self._send({"type": "websocket.send", "bytes": data})
-
-
-async def _deny(scope: Scope, send: Send, err: ApiError) -> None:
-    """Refuse a WebSocket upgrade with a real status and JSON body (not a bare 403)."""
-    if WS_DENIAL not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    body = msgspec.json.encode(err.body())
-    await send(
-        {
-            "type": "websocket.http.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "websocket.http.response.body", "body": body})
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:

@@ -129,3 +129,27 @@ async def send_json(
 async def send_error(send: Send, err: ApiError) -> None:
     extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else None
     await send_json(send, err.status, err.body(), extra)
+
+
+WS_DENIAL = "websocket.http.response"
+"""The ASGI extension that lets a server refuse an upgrade with an HTTP response."""
+
+
+async def deny_websocket(scope: Scope, send: Send, err: ApiError) -> None:
+    """Refuse a WebSocket upgrade with a real status and JSON body (a 1008 close when the
+    server cannot send one)."""
+    if WS_DENIAL not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = msgspec.json.encode(err.body())
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": err.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -32,13 +32,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import trio
 
 from ..drivers.cloud.wire import SUBPROTOCOL
 from ..errors import CorralError, ProtocolError, SandboxNotFound
 from ..protocol import HEADER_SIZE, MAX_FRAME, TERMINAL, ErrorReply, Shutdown, decode_body, encode
-from .http import ApiError, Receive, Scope, Send
+from .http import ApiError, Receive, Scope, Send, deny_websocket
 from .service import ControlPlane
 from .store import SandboxRecord
 
@@ -47,7 +46,6 @@ __all__ = ["SUBPROTOCOL", "CorralRelay", "FrameCutter", "relay_for"]
 log = logging.getLogger("corral.server")
 
 AGENT_READ = 256 * 1024
-WS_DENIAL = "websocket.http.response"
 NORMAL = 1000
 POLICY = 1008
 INTERNAL = 1011
@@ -146,7 +144,7 @@ class CorralRelay:
                     409, "sandbox_not_running", f"cannot reach the agent of {rec.name!r}: {exc}"
                 ) from None
         except ApiError as err:
-            await deny(scope, send, err)
+            await deny_websocket(scope, send, err)
             return
         await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
         session = self.plane.session_started(rec)
@@ -253,25 +251,6 @@ class _Socket:
                 await self._send(message)
             except OSError:
                 pass
-
-
-async def deny(scope: Scope, send: Send, err: ApiError) -> None:
-    """Refuse the upgrade with a real status and JSON body (a close when not possible)."""
-    if WS_DENIAL not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": POLICY})
-        return
-    body = msgspec.json.encode(err.body())
-    await send(
-        {
-            "type": "websocket.http.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def relay_for(plane: ControlPlane, sandboxes: object) -> CorralRelay | None:

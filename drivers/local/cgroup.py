@@ -60,6 +60,7 @@ __all__ = [
     "apply_rlimits",
     "detect",
     "keyed",
+    "pid_exists",
     "plan_layout",
     "probe",
     "reap_stale",
@@ -460,7 +461,7 @@ def reap_stale(prefix: str = "", *, layout: CgroupLayout | None = None) -> list[
             continue
         for entry in entries:
             match = _NAME_RE.match(entry.name)
-            if entry.name.startswith(prefix) and match and not _alive(int(match["pid"])):
+            if entry.name.startswith(prefix) and match and not pid_exists(int(match["pid"])):
                 found.setdefault(entry.name, []).append(entry)
     removed: list[Path] = []
     for name, dirs in found.items():
@@ -476,7 +477,8 @@ def reap_stale(prefix: str = "", *, layout: CgroupLayout | None = None) -> list[
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (zombies included; EPERM means it does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

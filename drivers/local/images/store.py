@@ -36,6 +36,7 @@ import trio
 
 from corral.errors import ImageError, ImageNotFound
 
+from ..cgroup import pid_exists
 from .auth import docker_credentials
 from .manifest import (
     Descriptor,
@@ -136,16 +137,6 @@ class _Borrowed(httpx.AsyncBaseTransport):
         await trio.lowlevel.checkpoint()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class ImageStore:
     """Pull, cache and list OCI images under ``root`` (``<home>/images``).
 
@@ -209,7 +200,7 @@ class ImageStore:
         os.chmod(self.root, 0o700)
         for entry in os.scandir(self.root / "tmp"):
             pid = entry.name.split("-", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
+            if not pid.isdigit() or not pid_exists(int(pid)):
                 force_rmtree(entry.path)
         self._prepared = True
 
